@@ -1,0 +1,125 @@
+"""The server interceptor every service uses: gRPC metrics, request ids, and
+the mapping of engine errors (``clipsearch.errors``) to gRPC statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from prometheus_client import Counter, Histogram
+
+from clipsearch.errors import ClipsearchError, InvalidArgument
+from clipsearch.server.logs import REQUEST_ID
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+
+STARTED = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"]
+)
+HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by status code.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time to handle an RPC on the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _tolerant(deserializer):
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except (DecodeError, ValueError, UnicodeDecodeError) as exc:
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+def status_for_error(error: ClipsearchError) -> grpc.Status:
+    """A rich gRPC status (google.rpc details) for an engine error."""
+    code = grpc.StatusCode[error.code]
+    details = []
+    if error.field:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        details.append(packed)
+    if error.reason:
+        info = error_details_pb2.ErrorInfo(reason=error.reason, domain="clipsearch")
+        packed = any_pb2.Any()
+        packed.Pack(info)
+        details.append(packed)
+    status = status_pb2.Status(code=getattr(code_pb2, error.code), message=error.message, details=details)
+    return rpc_status.to_status(status)
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        _, service, method = handler_call_details.method.split("/")
+        behavior = handler.unary_unary
+
+        async def observed(request, context: grpc.aio.ServicerContext):
+            STARTED.labels("unary", service, method).inc()
+            metadata = dict(context.invocation_metadata() or ())
+            request_id = metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
+            token = REQUEST_ID.set(request_id)
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument(
+                        f"the request could not be parsed as {method}Request: {request.reason}. "
+                        "String fields must hold valid UTF-8; send binary data in bytes fields."
+                    )
+                return await behavior(request, context)
+            except ClipsearchError as error:
+                code = grpc.StatusCode[error.code]
+                status = status_for_error(error)
+                log.info("%s/%s -> %s: %s", service, method, error.code, error.message)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:  # noqa: BLE001 - the boundary of every call
+                context_code = context.code()
+                if context_code not in (None, grpc.StatusCode.OK):
+                    code = context_code  # the servicer aborted on purpose
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s/%s failed", service, method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                HANDLED.labels("unary", service, method, code.name).inc()
+                HANDLING_SECONDS.labels("unary", service, method).observe(time.perf_counter() - started)
+                REQUEST_ID.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )

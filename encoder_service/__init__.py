@@ -1,0 +1,1 @@
+"""Encoder service: open_clip text and image embeddings over gRPC, with dynamic batching."""

@@ -1,0 +1,193 @@
+"""The encoder engine: one open_clip model behind two dynamic batchers (texts,
+images), with image fetching/decoding/preprocessing on a thread pool.
+
+No gRPC here; errors are ``clipsearch.errors`` exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from clipsearch.errors import ClipsearchError, InvalidArgument, NotFound, Unavailable
+from clipsearch.s3 import is_missing_error, make_s3_client, parse_s3_uri
+from encoder_service.batcher import DynamicBatcher
+from encoder_service.images import decode_image
+from encoder_service.model import ClipModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+def _setting(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class EncoderConfig:
+    model: str = _setting("ViT-B-32", "open_clip model name, or a folder with open_clip_config.json + weights")
+    pretrained: str = _setting("openai", "pretrained tag (e.g. openai), a checkpoint file path, or none (random)")
+    device: str = _setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
+    model_cache_dir: str = _setting("", "where downloaded weights are cached (default: open_clip's cache)")
+    max_batch_size: int = _setting(64, "most items in one model call")
+    max_queue_delay_ms: float = _setting(5.0, "longest an item waits for its batch to fill")
+    max_queue_size: int = _setting(2048, "items waiting beyond this get RESOURCE_EXHAUSTED")
+    max_items_per_request: int = _setting(256, "most texts or images in one request")
+    max_text_chars: int = _setting(2000, "longest text accepted, in characters")
+    max_image_bytes: int = _setting(20 * 1024 * 1024, "largest encoded image accepted, in bytes")
+    max_image_pixels: int = _setting(40_000_000, "largest image accepted, in pixels (stops decompression bombs)")
+    preprocess_workers: int = _setting(0, "threads decoding and preprocessing images (0 = one per core)")
+    s3_endpoint_url: str = _setting("", "S3 endpoint for s3:// image URIs (MinIO, tests); empty = AWS")
+
+
+@dataclass
+class ImageSource:
+    """One image to embed: encoded bytes or an s3:// URI."""
+
+    data: bytes | None = None
+    uri: str | None = None
+
+
+@dataclass
+class ImageEmbeddings:
+    vectors: np.ndarray  # (n, dim); zero rows where the item failed
+    errors: list[ClipsearchError | None] = field(default_factory=list)  # None where the item succeeded
+
+
+class EncoderEngine:
+    def __init__(self, config: EncoderConfig):
+        self.config = config
+        self.model: ClipModel | None = None
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        workers = config.preprocess_workers or os.cpu_count() or 1
+        self._preprocess_pool = ThreadPoolExecutor(workers, thread_name_prefix="preprocess")
+        self._s3 = None
+        self.text_batcher: DynamicBatcher | None = None
+        self.image_batcher: DynamicBatcher | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        """Loads the model (off the event loop) and starts the batchers."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.model = await loop.run_in_executor(
+            self._model_thread,
+            lambda: load_model(cfg.model, cfg.pretrained, device=cfg.device, cache_dir=cfg.model_cache_dir,
+                               precision=cfg.precision),
+        )
+        common = dict(
+            max_batch_size=cfg.max_batch_size,
+            max_queue_delay_ms=cfg.max_queue_delay_ms,
+            max_queue_size=cfg.max_queue_size,
+        )
+        self.text_batcher = DynamicBatcher("text", self.model.encode_texts, self._model_thread, **common)
+        self.image_batcher = DynamicBatcher(
+            "image", lambda pixels: self.model.encode_pixels(torch.stack(pixels)), self._model_thread, **common
+        )
+        self.text_batcher.start()
+        self.image_batcher.start()
+
+    async def close(self) -> None:
+        for batcher in (self.text_batcher, self.image_batcher):
+            if batcher is not None:
+                await batcher.close()
+        self._model_thread.shutdown(wait=True)
+        self._preprocess_pool.shutdown(wait=True)
+
+    def loaded_model(self) -> ClipModel:
+        if self.model is None:
+            raise Unavailable("the model is still loading; retry shortly")
+        return self.model
+
+    # -- texts -------------------------------------------------------------
+    def _check_batch(self, count: int, what: str) -> None:
+        if count == 0:
+            raise InvalidArgument(f"no {what} given; send at least one", field=what)
+        if count > self.config.max_items_per_request:
+            raise InvalidArgument(
+                f"{count} {what} in one request; the limit is {self.config.max_items_per_request}. "
+                "Split the request.",
+                field=what,
+            )
+
+    async def embed_texts(self, texts: list[str]) -> np.ndarray:
+        self.loaded_model()
+        self._check_batch(len(texts), "texts")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidArgument(f"texts[{i}] is empty", field=f"texts[{i}]")
+            if len(text) > self.config.max_text_chars:
+                raise InvalidArgument(
+                    f"texts[{i}] has {len(text)} characters; the limit is {self.config.max_text_chars}",
+                    field=f"texts[{i}]",
+                )
+        return await self.text_batcher.submit(texts)
+
+    # -- images ------------------------------------------------------------
+    def _read_uri(self, uri: str, index: int) -> bytes:
+        location = parse_s3_uri(uri, field=f"images[{index}].uri")
+        if not location.key:
+            raise InvalidArgument(f"images[{index}].uri has no key: {uri!r}", field=f"images[{index}].uri")
+        if self._s3 is None:
+            self._s3 = make_s3_client(self.config.s3_endpoint_url)
+        try:
+            head = self._s3.head_object(Bucket=location.bucket, Key=location.key)
+            if head["ContentLength"] > self.config.max_image_bytes:
+                raise InvalidArgument(
+                    f"{uri} is {head['ContentLength']} bytes; the limit is {self.config.max_image_bytes}"
+                )
+            return self._s3.get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
+        except ClipsearchError:
+            raise
+        except Exception as exc:  # botocore errors
+            if is_missing_error(exc):
+                raise NotFound(f"{uri} does not exist (no such bucket or key)") from None
+            raise Unavailable(f"could not read {uri}: {exc}") from None
+
+    def _prepare(self, source: ImageSource, index: int) -> torch.Tensor:
+        """Fetch (when a URI), decode and preprocess one image; runs on the pool."""
+        model = self.loaded_model()
+        if source.uri is not None:
+            data = self._read_uri(source.uri, index)
+        elif source.data is not None:
+            data = source.data
+        else:
+            raise InvalidArgument(f"images[{index}] has neither data nor uri", field=f"images[{index}]")
+        image = decode_image(
+            data,
+            max_bytes=self.config.max_image_bytes,
+            max_pixels=self.config.max_image_pixels,
+            target_size=model.image_size,
+        )
+        return model.preprocess(image)
+
+    async def embed_images(self, sources: list[ImageSource]) -> ImageEmbeddings:
+        model = self.loaded_model()
+        self._check_batch(len(sources), "images")
+        loop = asyncio.get_running_loop()
+        prepared = await asyncio.gather(
+            *(loop.run_in_executor(self._preprocess_pool, self._prepare, s, i) for i, s in enumerate(sources)),
+            return_exceptions=True,
+        )
+        errors: list[ClipsearchError | None] = []
+        good_pixels, good_rows = [], []
+        for i, outcome in enumerate(prepared):
+            if isinstance(outcome, ClipsearchError):
+                errors.append(outcome)
+            elif isinstance(outcome, BaseException):
+                log.warning("images[%d] failed: %r", i, outcome)
+                errors.append(InvalidArgument(f"image could not be processed: {outcome}"))
+            else:
+                errors.append(None)
+                good_pixels.append(outcome)
+                good_rows.append(i)
+        vectors = np.zeros((len(sources), model.dim), dtype=np.float32)
+        if good_pixels:
+            vectors[good_rows] = await self.image_batcher.submit(good_pixels)
+        return ImageEmbeddings(vectors, errors)

@@ -1,0 +1,284 @@
+"""Loading an open_clip model and running it: text (trimmed to the longest
+prompt of the batch) and image towers, L2-normalized outputs.
+
+No gRPC here: this module is used by the service, the evaluation harness and
+the benchmarks alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+LOCAL_DIR_CONFIG = "open_clip_config.json"
+# Model configs shipped with clipsearch (the demo model's, tiny test ones) live here.
+MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to do instead."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def _register_bundled_configs() -> None:
+    import open_clip
+
+    if MODEL_CONFIG_DIR.is_dir():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def _is_local_dir(model_name: str) -> bool:
+    path = Path(model_name.removeprefix("local-dir:"))
+    return path.is_dir() and (path / LOCAL_DIR_CONFIG).is_file()
+
+
+def _offline_hint(model_name: str, pretrained: str) -> str:
+    return (
+        f"could not download weights for {model_name!r} / {pretrained!r} (no network?). "
+        "Offline options: (1) --pretrained /path/to/checkpoint.pt with the matching --model name; "
+        "(2) --model /path/to/folder holding open_clip_config.json and the weights "
+        "(e.g. the bundled demo model: --model models/demo); "
+        "(3) pre-fill --model-cache-dir on a machine with internet and copy it over; "
+        "(4) --pretrained none for random weights (tests only)."
+    )
+
+
+def weights_fingerprint(model: torch.nn.Module, preprocess_config: dict[str, Any]) -> str:
+    """sha256 over every parameter/buffer (name, dtype, shape, bytes) and the preprocessing config."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        array = tensor.detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(array.dtype).encode())
+        digest.update(str(tuple(array.shape)).encode())
+        digest.update(array.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(preprocess_config, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+@dataclass
+class TextTower:
+    """The pieces of a causal CLIP text tower that trimmed encoding needs."""
+
+    token_embedding: torch.nn.Module
+    positional_embedding: torch.Tensor
+    transformer: torch.nn.Module
+    attn_mask: torch.Tensor
+    ln_final: torch.nn.Module
+    text_projection: Any
+    pool_type: str
+    eos_id: int | None
+
+
+def causal_text_tower(model: torch.nn.Module) -> TextTower | None:
+    """The text tower when it is causal and pads with 0 (so trimming is exact), else None."""
+    import open_clip
+    from open_clip.transformer import TextTransformer
+
+    if isinstance(model, open_clip.CLIP):
+        owner, pool_type, eos = model, model.text_pool_type, getattr(model, "text_eos_id", None)
+    elif isinstance(getattr(model, "text", None), TextTransformer):
+        owner = model.text
+        if owner.cls_emb is not None or getattr(owner, "use_pad_mask", False):
+            return None
+        pool_type, eos = owner.pool_type, getattr(owner, "eos_id", None)
+    else:
+        return None
+    if getattr(owner, "attn_mask", None) is None or pool_type not in ("argmax", "eos"):
+        return None
+    return TextTower(
+        owner.token_embedding, owner.positional_embedding, owner.transformer, owner.attn_mask,
+        owner.ln_final, owner.text_projection, pool_type, eos,
+    )
+
+
+class ClipModel:
+    """A loaded open_clip model with its tokenizer and image preprocessing."""
+
+    def __init__(self, model, preprocess, tokenizer, *, name: str, pretrained: str, device: torch.device,
+                 dtype: torch.dtype, fingerprint: str, preprocess_config: dict[str, Any]):
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.name = name
+        self.pretrained = pretrained
+        self.device = device
+        self.dtype = dtype
+        self.fingerprint = fingerprint
+        self.preprocess_config = preprocess_config
+        self.text_tower = causal_text_tower(model)
+        self.context_length = int(getattr(tokenizer, "context_length", 77))
+        size = preprocess_config.get("size", 224)
+        self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        with torch.inference_mode():
+            probe = self.encode_texts(["a"])
+        self.dim = int(probe.shape[1])
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: torch.Tensor, trim: bool = True) -> np.ndarray:
+        """Unit vectors for a [batch, context_length] token tensor.
+
+        With ``trim`` the batch is cut to its longest prompt. The tower is causal, so
+        every position up to the end-of-text token sees exactly the same inputs, and
+        the pooled output equals the full-length one (tests/encoder check this).
+        """
+        tokens = tokens.to(self.device)
+        tower = self.text_tower
+        if not trim or tower is None:
+            features = self.model.encode_text(tokens)
+        else:
+            length = max(int((tokens != 0).sum(dim=1).max()), 1)
+            text = tokens[:, :length]
+            cast = tower.transformer.get_cast_dtype() if hasattr(tower.transformer, "get_cast_dtype") else self.dtype
+            x = tower.token_embedding(text).to(cast) + tower.positional_embedding[:length].to(cast)
+            x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+            x = tower.ln_final(x)
+            from open_clip.transformer import text_global_pool
+
+            pooled = text_global_pool(x, text, tower.pool_type, eos_token_id=tower.eos_id)
+            if tower.text_projection is not None:
+                if isinstance(tower.text_projection, torch.nn.Linear):
+                    pooled = tower.text_projection(pooled)
+                else:
+                    pooled = pooled @ tower.text_projection
+            features = pooled
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def encode_texts(self, texts: Sequence[str], trim: bool = True) -> np.ndarray:
+        return self.encode_tokens(self.tokenize(texts), trim=trim)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Unit vectors for a preprocessed [batch, 3, H, W] float tensor."""
+        pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+        features = self.model.encode_image(pixels)
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def encode_images(self, images: Sequence[Any]) -> np.ndarray:
+        """Unit vectors for PIL images (preprocessed here, in the calling thread)."""
+        return self.encode_pixels(torch.stack([self.preprocess(image) for image in images]))
+
+
+def load_model(
+    model_name: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
+    *,
+    device: str = "auto",
+    cache_dir: str = "",
+    precision: str = "auto",
+) -> ClipModel:
+    """Loads any open_clip model.
+
+    - ``model_name`` + ``pretrained`` tag: open_clip's registry (downloads into ``cache_dir``).
+    - ``model_name`` + ``pretrained=/path/to/checkpoint``: a local checkpoint file.
+    - ``model_name`` = a folder with ``open_clip_config.json`` and weights (``pretrained`` ignored).
+    - ``pretrained`` = ``none``: random weights, with a loud warning (tests only).
+    """
+    import open_clip
+
+    _register_bundled_configs()
+    torch_device = resolve_device(device)
+    if precision == "auto":
+        precision = "fp16" if torch_device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ModelLoadError(f"precision must be auto, fp32, fp16 or bf16; got {precision!r}")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+    pretrained_arg: str | None = pretrained
+    if _is_local_dir(model_name):
+        identifier = "local-dir:" + str(Path(model_name.removeprefix("local-dir:")).resolve())
+        pretrained_label = str(Path(model_name.removeprefix("local-dir:")))
+        pretrained_arg = None
+    else:
+        identifier = model_name
+        if model_name not in open_clip.list_models():
+            raise ModelLoadError(
+                f"unknown model {model_name!r}. Use an open_clip name ({', '.join(open_clip.list_models()[:12])}, ... "
+                f"{len(open_clip.list_models())} in all), or a folder holding {LOCAL_DIR_CONFIG} and weights"
+            )
+        pretrained_label = pretrained
+        if pretrained.lower() in ("", "none"):
+            pretrained_arg = None
+            log.warning(
+                "!!! %s is running with RANDOM WEIGHTS (--pretrained none). Its embeddings are meaningless; "
+                "use this for tests and benchmarks only. !!!", model_name,
+            )
+        elif os.path.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")):
+            if not Path(pretrained).is_file():
+                raise ModelLoadError(f"checkpoint file {pretrained} does not exist")
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            if pretrained not in tags:
+                raise ModelLoadError(
+                    f"unknown pretrained tag {pretrained!r} for {model_name}; valid tags: {tags}, "
+                    "a checkpoint file path, or none"
+                )
+    if pretrained_arg is None and not identifier.startswith("local-dir:"):
+        torch.manual_seed(0)  # random weights, but the same in every process (same fingerprint)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            identifier,
+            pretrained=pretrained_arg,
+            precision="fp32",
+            device="cpu",
+            cache_dir=cache_dir or None,
+        )
+    except (RuntimeError, OSError) as exc:
+        text = str(exc)
+        if "download" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
+            raise ModelLoadError(_offline_hint(model_name, pretrained)) from exc
+        raise ModelLoadError(f"could not load {model_name!r} / {pretrained!r}: {text}") from exc
+    model.eval()
+    preprocess_config = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    preprocess_config.setdefault("transform", repr(preprocess))
+    fingerprint = weights_fingerprint(model, preprocess_config)
+    model = model.to(torch_device, dtype=dtype)
+    tokenizer = open_clip.get_tokenizer(identifier)
+    log.info("loaded %s (%s) on %s as %s, fingerprint %s", model_name, pretrained_label, torch_device, dtype,
+             fingerprint)
+    return ClipModel(model, preprocess, tokenizer, name=model_name, pretrained=pretrained_label, device=torch_device,
+                     dtype=dtype, fingerprint=fingerprint, preprocess_config=preprocess_config)
+
+
+def save_model_dir(model: torch.nn.Module, model_cfg: dict[str, Any], folder: str | Path,
+                   preprocess_cfg: dict[str, Any] | None = None) -> Path:
+    """Saves ``model`` as a folder that ``load_model(model_name=folder)`` loads:
+    open_clip_config.json plus open_clip_model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
+    (folder / LOCAL_DIR_CONFIG).write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / "open_clip_model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / "open_clip_model.safetensors")
+    return folder

@@ -1,0 +1,1 @@
+"""Gateway: the public search API over the encoder, the index shards and object storage."""

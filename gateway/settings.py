@@ -1,0 +1,122 @@
+"""Gateway settings: every field is a ``--flag``, an env var ``CLIPSEARCH_<NAME>`` and a YAML key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Sequence
+
+from clipsearch.server.settings import ServerSettings, SettingsError, load_settings
+
+SHARD_FAILURE_POLICIES = ("fail", "partial")
+
+
+@dataclasses.dataclass
+class GatewaySettings(ServerSettings):
+    encoder: str = field(default="127.0.0.1:50051", metadata={"help": "encoder service HOST:PORT"})
+    index: list[str] = field(
+        default_factory=lambda: ["127.0.0.1:50052"],
+        metadata={"help": "index shards, HOST:PORT[,HOST:PORT...]; the order decides which shard holds which id"},
+    )
+    storage: str = field(
+        default="./data/images",
+        metadata={"help": "where images are stored: s3://bucket/prefix, or a local folder"},
+    )
+    s3_endpoint_url: str = field(default="", metadata={"help": "S3 endpoint (MinIO, a test server); empty = AWS"})
+    s3_region: str = field(default="", metadata={"help": "S3 region; empty = boto3's default chain"})
+    url_ttl_seconds: int = field(default=3600, metadata={"help": "lifetime of presigned S3 URLs in results"})
+    data_dir: str = field(default="./data/gateway", metadata={"help": "gateway state (import jobs)"})
+    api_keys: list[str] = field(
+        default_factory=list,
+        metadata={"help": "accepted API keys (comma separated); with none here or in api_keys_file, auth is off"},
+    )
+    api_keys_file: str = field(
+        default="", metadata={"help": "file with one API key per line (# comments); re-read when it changes"}
+    )
+    default_collection: str = field(default="images", metadata={"help": "collection used when a request names none"})
+    default_index_spec: str = field(default="Flat", metadata={"help": "FAISS spec of the auto-created collection"})
+    create_default_collection: bool = field(
+        default=True, metadata={"help": "create the default collection on startup with the encoder's dim/fingerprint"}
+    )
+    shard_failure_policy: str = field(
+        default="fail",
+        metadata={"help": "when an index shard fails a search: 'fail' (UNAVAILABLE) or 'partial' (partial=true)"},
+    )
+    encoder_timeout_seconds: float = field(default=30.0, metadata={"help": "deadline of one encoder call"})
+    index_timeout_seconds: float = field(default=10.0, metadata={"help": "deadline of one index call (all shards)"})
+    storage_timeout_seconds: float = field(default=30.0, metadata={"help": "deadline of one storage operation"})
+    startup_timeout_seconds: float = field(
+        default=120.0, metadata={"help": "how long startup waits for the encoder and index shards"}
+    )
+    encoder_retries: int = field(default=3, metadata={"help": "retries of encoder calls that got UNAVAILABLE"})
+    retry_backoff_seconds: float = field(default=0.05, metadata={"help": "first retry delay (doubles each time)"})
+    encoder_batch_size: int = field(default=32, metadata={"help": "images per EmbedImages call"})
+    text_cache_size: int = field(default=4096, metadata={"help": "text embeddings kept in the LRU cache (0 = off)"})
+    max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "largest image accepted, in bytes"})
+    max_upload_items: int = field(default=256, metadata={"help": "most images in one UploadImages call"})
+    mmr_candidates: int = field(
+        default=4, metadata={"help": "MMR re-ranks top_k * this many candidates (at most 1000)"}
+    )
+    page_token_secret: str = field(
+        default="",
+        metadata={"help": "HMAC key for page tokens; empty = random per process (set it when running replicas)"},
+    )
+    import_roots: list[str] = field(
+        default_factory=list,
+        metadata={"help": "local folders ImportImages may read from (comma separated); empty = no local imports"},
+    )
+    import_batch_size: int = field(default=32, metadata={"help": "images per import step"})
+    import_max_images_per_second: float = field(
+        default=0.0, metadata={"help": "throttle for imports, to spare the encoder (0 = no limit)"}
+    )
+    import_resume_on_start: bool = field(
+        default=True, metadata={"help": "resume import jobs that were running when the gateway stopped"}
+    )
+    internal_tls_ca: str = field(
+        default="", metadata={"help": "PEM CA bundle; when set, encoder and index calls use TLS"}
+    )
+    internal_tls_cert: str = field(default="", metadata={"help": "PEM client certificate for mTLS to internal services"})
+    internal_tls_key: str = field(default="", metadata={"help": "PEM client key for mTLS to internal services"})
+    internal_tls_server_name: str = field(
+        default="", metadata={"help": "expected server name in internal certificates (overrides the host)"}
+    )
+
+    def validate(self) -> "GatewaySettings":
+        if self.shard_failure_policy not in SHARD_FAILURE_POLICIES:
+            raise SettingsError(
+                f"shard_failure_policy must be one of {SHARD_FAILURE_POLICIES}, got {self.shard_failure_policy!r}"
+            )
+        if not self.encoder:
+            raise SettingsError("encoder: set the encoder service address HOST:PORT")
+        if not self.index:
+            raise SettingsError("index: set at least one index shard address HOST:PORT")
+        for address in [self.encoder, *self.index]:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise SettingsError(f"{address!r} is not HOST:PORT")
+        if len(set(self.index)) != len(self.index):
+            raise SettingsError(f"index lists a shard twice: {self.index}")
+        if self.url_ttl_seconds <= 0 or self.url_ttl_seconds > 7 * 24 * 3600:
+            raise SettingsError("url_ttl_seconds must be in 1..604800 (S3's limit is 7 days)")
+        if bool(self.internal_tls_cert) != bool(self.internal_tls_key):
+            raise SettingsError("internal_tls_cert and internal_tls_key go together (mTLS)")
+        if self.internal_tls_cert and not self.internal_tls_ca:
+            raise SettingsError("internal_tls_cert needs internal_tls_ca (the CA of the internal services)")
+        for name in ("encoder_batch_size", "import_batch_size", "max_upload_items", "mmr_candidates"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1")
+        if self.text_cache_size < 0 or self.encoder_retries < 0:
+            raise SettingsError("text_cache_size and encoder_retries must be >= 0")
+        return self
+
+
+def load_gateway_settings(argv: Sequence[str] | None = None, environ=None) -> GatewaySettings:
+    settings = load_settings(
+        GatewaySettings,
+        section="gateway",
+        argv=argv,
+        environ=environ,
+        prog="python -m gateway",
+        description="clipsearch gateway: the public search API over the encoder, index shards and image storage.",
+    )
+    return settings.validate()
