@@ -119,10 +119,16 @@ class GrpcService:
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, then let in-flight calls finish within ``grace`` seconds."""
+    async def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> None:
+        """NOT_SERVING; keep answering for ``drain_delay`` seconds so load balancers
+        notice; then refuse new calls and let in-flight ones finish within ``grace``."""
         await self.set_serving(False)
+        if drain_delay > 0:
+            await asyncio.sleep(drain_delay)
+        if self.server is None:
+            return
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        self.server = None
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
@@ -166,6 +172,7 @@ async def run_until_signalled(
         print(f"{service.name} serving on {service.address} metrics={service.metrics_port}", flush=True)
         await stop_event.wait()
         log.info("%s draining (grace %.1fs)", service.name, service.settings.grace_seconds)
+        await service.stop(drain_delay=service.settings.drain_delay_seconds)
     finally:
         await service.stop()
         await shutdown()

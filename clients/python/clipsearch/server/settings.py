@@ -41,6 +41,10 @@ class ServerSettings:
     grace_seconds: float = dataclasses.field(
         default=10.0, metadata={"help": "on SIGTERM, time allowed for in-flight calls to finish"}
     )
+    drain_delay_seconds: float = dataclasses.field(
+        default=1.0,
+        metadata={"help": "on SIGTERM, keep serving this long with health NOT_SERVING so load balancers notice"},
+    )
     log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     log_json: bool = dataclasses.field(default=False, metadata={"help": "log one JSON object per line"})
     tls_cert: str = dataclasses.field(default="", metadata={"help": "PEM certificate for TLS on the gRPC port"})
