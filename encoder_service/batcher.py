@@ -3,7 +3,9 @@
 Each request submits its items; a worker takes items off a bounded queue until
 the batch is full (``max_batch_size``) or the oldest item has waited
 ``max_queue_delay_ms``, runs one model call in the model thread, and hands every
-request back its own rows. A full queue refuses new work at once
+request back its own rows. With a delay of 0 a lone request runs at once, and
+whatever arrives while the model is busy forms the next batch, so batches grow
+with load and an idle service adds no latency. A full queue refuses new work at once
 (ResourceExhausted) instead of letting memory grow.
 """
 

@@ -36,7 +36,9 @@ class EncoderConfig:
     precision: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
     model_cache_dir: str = _setting("", "where downloaded weights are cached (default: open_clip's cache)")
     max_batch_size: int = _setting(64, "most items in one model call")
-    max_queue_delay_ms: float = _setting(5.0, "longest an item waits for its batch to fill")
+    max_queue_delay_ms: float = _setting(
+        0.0, "extra time an item may wait for its batch to fill; 0 = none: items that arrive while the model "
+        "is busy form the next batch")
     max_queue_size: int = _setting(2048, "items waiting beyond this get RESOURCE_EXHAUSTED")
     max_items_per_request: int = _setting(256, "most texts or images in one request")
     max_text_chars: int = _setting(2000, "longest text accepted, in characters")

@@ -1,0 +1,154 @@
+"""Encoder benchmarks (P3, P4 and the encoder service's own figures).
+
+- P4: one text query's encode latency, trimmed to the prompt vs the full
+  77-token path (in-process model, same run).
+- Service overhead: p50 of one text query through the gRPC service vs the
+  model call alone.
+- P3: throughput with 16 concurrent one-item clients through the service
+  (texts; images) vs one in-process batched model call over the same items.
+
+    python -m bench.encoder_bench                      # ViT-B-32, random weights
+    python -m bench.encoder_bench --model clipsearch-tiny --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from bench.common import print_table, summarize_ms, time_calls, write_results
+from clipsearch.encoder.v1 import encoder_service_pb2 as pb
+from clipsearch.encoder.v1 import encoder_service_pb2_grpc
+from encoder_service.model import load_model
+
+QUERY = "a dog playing in snow"
+
+
+def jpeg(seed: int, size=(640, 480)) -> bytes:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    image = Image.fromarray(base).resize(size, Image.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def start_encoder(model: str, pretrained: str, workdir: Path):
+    from tests.conftest import ServiceProcess
+
+    return ServiceProcess(
+        "encoder_service",
+        ["--model", model, "--pretrained", pretrained, "--port", "0",
+         "--max-batch-size", "64", "--log-level", "WARNING", "--drain-delay-seconds", "0"],
+        workdir, name="bench-encoder",
+    ).start(timeout=300)
+
+
+async def concurrent_throughput(address: str, make_request, method: str, items: list, clients: int) -> float:
+    """Items/s with ``clients`` concurrent callers, each sending one item at a time."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = encoder_service_pb2_grpc.EncoderServiceStub(channel)
+        call = getattr(stub, method)
+        queue = list(items)
+
+        async def client():
+            while queue:
+                await call(make_request(queue.pop()))
+
+        await asyncio.gather(*(call(make_request(items[0])) for _ in range(clients)))  # warm up
+        queue = list(items)
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return len(items) / (time.perf_counter() - started)
+
+
+def run(args) -> dict:
+    model = load_model(args.model, args.pretrained, device="cpu")
+    repeats = 10 if args.quick else 50
+    results: dict = {"model": args.model, "pretrained": args.pretrained}
+
+    trimmed = time_calls(lambda: model.encode_texts([QUERY], trim=True), repeats)
+    full = time_calls(lambda: model.encode_texts([QUERY], trim=False), repeats)
+    p4 = summarize_ms(trimmed)["p50_ms"] / summarize_ms(full)["p50_ms"]
+    results["P4"] = {"trimmed": summarize_ms(trimmed), "full_77": summarize_ms(full), "ratio": p4, "target": 0.35}
+
+    n_texts = 32 if args.quick else 256
+    n_images = 16 if args.quick else 128
+    texts = [f"photo number {i} of a {['red', 'blue', 'green'][i % 3]} car on a street" for i in range(n_texts)]
+    images = [jpeg(i) for i in range(n_images)]
+    decoded = [Image.open(io.BytesIO(d)).convert("RGB") for d in images]
+
+    def batched_texts():
+        for start in range(0, n_texts, 64):
+            model.encode_texts(texts[start:start + 64])
+
+    def batched_images():
+        for start in range(0, n_images, 64):
+            model.encode_images([Image.open(io.BytesIO(d)).convert("RGB") for d in images[start:start + 64]])
+
+    base_text_rate = n_texts / min(time_calls(batched_texts, 2, warmup=1))
+    base_image_rate = n_images / min(time_calls(batched_images, 2, warmup=1))
+    del decoded
+
+    with tempfile.TemporaryDirectory() as tmp:
+        encoder = start_encoder(args.model, args.pretrained, Path(tmp))
+        try:
+            channel = grpc.insecure_channel(encoder.address)
+            stub = encoder_service_pb2_grpc.EncoderServiceStub(channel)
+            served = time_calls(lambda: stub.EmbedTexts(pb.EmbedTextsRequest(texts=[QUERY])), repeats)
+            channel.close()
+            text_rate = asyncio.run(concurrent_throughput(
+                encoder.address, lambda t: pb.EmbedTextsRequest(texts=[t]), "EmbedTexts", texts, args.clients))
+            image_rate = asyncio.run(concurrent_throughput(
+                encoder.address, lambda d: pb.EmbedImagesRequest(images=[pb.ImageInput(data=d)]), "EmbedImages",
+                images, args.clients))
+        finally:
+            encoder.terminate()
+
+    results["service_text_query"] = {
+        "through_service": summarize_ms(served), "model_call": summarize_ms(trimmed),
+        "overhead_ms": summarize_ms(served)["p50_ms"] - summarize_ms(trimmed)["p50_ms"],
+    }
+    results["P3"] = {
+        "clients": args.clients,
+        "texts_per_s": text_rate, "texts_baseline_per_s": base_text_rate, "texts_ratio": text_rate / base_text_rate,
+        "images_per_s": image_rate, "images_baseline_per_s": base_image_rate,
+        "images_ratio": image_rate / base_image_rate, "target": 0.85,
+    }
+
+    print_table(f"Encoder ({args.model}, pretrained={args.pretrained}, CPU)", ["id", "what", "ours", "baseline", "ratio", "target"], [
+        ["P4", "one text query encode p50 (ms): trimmed vs 77 tokens", results["P4"]["trimmed"]["p50_ms"],
+         results["P4"]["full_77"]["p50_ms"], p4, "<= 0.35"],
+        ["-", "one text query p50 (ms): service vs model call", results["service_text_query"]["through_service"]["p50_ms"],
+         results["service_text_query"]["model_call"]["p50_ms"],
+         results["service_text_query"]["through_service"]["p50_ms"] / results["service_text_query"]["model_call"]["p50_ms"], "-"],
+        ["P3", f"texts/s, {args.clients} concurrent 1-item clients vs one batched call", text_rate, base_text_rate,
+         results["P3"]["texts_ratio"], ">= 0.85"],
+        ["P3", f"images/s (640x480 JPEG), {args.clients} clients vs one batched call", image_rate, base_image_rate,
+         results["P3"]["images_ratio"], ">= 0.85"],
+    ])
+    write_results("encoder" + ("-quick" if args.quick else ""), results, Path(args.out) if args.out else None)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--pretrained", default="none")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="few items and repeats (smoke test)")
+    parser.add_argument("--out", default="", help="results folder (default bench/results)")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
