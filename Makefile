@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The offline demo: local stack on the bundled demo model, sample images, three queries.
+demo: $(STAMP)
+	$(VENV)/bin/clipsearch demo
+
 test: $(STAMP)
 	$(PY) -m pytest
 

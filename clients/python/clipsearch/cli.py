@@ -1,0 +1,453 @@
+"""``clipsearch``: run a local stack, import images, search, and manage collections.
+
+    clipsearch up --demo                 # local stack on the bundled demo model (Ctrl-C stops it)
+    clipsearch import ./photos           # upload a folder, with progress; rerun to resume
+    clipsearch search "a red circle"     # table of results (or --json)
+    clipsearch search --image cat.jpg --top-k 5 --filter album=pets
+    clipsearch demo                      # all of the above, then shut down
+
+Commands find the stack that ``up`` started; ``--target HOST:PORT`` (or
+CLIPSEARCH_TARGET) points them at any gateway instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from clipsearch.client import DEFAULT_TARGET, Client, SearchResults, TlsConfig
+from clipsearch.errors import ClipsearchError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+DEMO_QUERIES = ["a red circle", "a blue square", "a yellow star"]
+
+
+# -- helpers -------------------------------------------------------------------
+
+def resolve_target(args) -> str:
+    if args.target:
+        return args.target
+    from clipsearch.stack import read_stack
+
+    stack = read_stack()
+    return stack["target"] if stack else DEFAULT_TARGET
+
+
+def make_client(args) -> Client:
+    tls: bool | TlsConfig = False
+    if args.tls or args.tls_ca:
+        tls = TlsConfig(root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None)
+    return Client(resolve_target(args), api_key=args.api_key or None, tls=tls, collection=args.collection,
+                  timeout=args.timeout)
+
+
+def parse_filters(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` (equals), ``key=a|b`` (in-set), ``key>=3``, ``key<10`` (ranges). Numbers stay numbers."""
+    def value(text: str) -> Any:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        for op, bound in ((">=", "gte"), ("<=", "lte"), (">", "gt"), ("<", "lt")):
+            if op in pair:
+                key, raw = pair.split(op, 1)
+                result.setdefault(key.strip(), {})[bound] = value(raw.strip())
+                break
+        else:
+            if "=" not in pair:
+                raise SystemExit(f"error: --filter {pair!r}: use key=value, key=a|b, key>=x or key<y")
+            key, raw = pair.split("=", 1)
+            options = [value(v) for v in raw.split("|")]
+            result[key.strip()] = options if len(options) > 1 else options[0]
+    return result
+
+
+def display_url(url: str) -> str:
+    return url.removeprefix("file://") if url.startswith("file://") else url
+
+
+def print_results(results: SearchResults, title: str = "") -> None:
+    if title:
+        print(f"\n{title}")
+    if not results.hits:
+        print("  (no results)")
+        return
+    print(f"  {'rank':>4}  {'score':>7}  {'id':<64}  url/path")
+    for rank, hit in enumerate(results.hits, 1):
+        print(f"  {rank:>4}  {hit.score:>7.4f}  {hit.id:<64}  {display_url(hit.url)}")
+    if results.partial:
+        print(f"  (partial: shards {', '.join(results.missing_shards)} did not answer)")
+    if results.next_page_token:
+        print(f"  next page: --page-token {results.next_page_token}")
+
+
+def results_json(results: SearchResults) -> str:
+    return json.dumps({
+        "hits": [{"id": h.id, "score": h.score, "url": h.url, "metadata": h.metadata} for h in results.hits],
+        "next_page_token": results.next_page_token, "partial": results.partial,
+        "missing_shards": results.missing_shards,
+    }, indent=2, default=str)
+
+
+# -- import ------------------------------------------------------------------------
+
+def list_image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def import_checkpoint_path(target: str, folder: Path, collection: str) -> Path:
+    from clipsearch.stack import state_dir
+
+    key = hashlib.sha256(f"{target}|{folder.resolve()}|{collection}".encode()).hexdigest()[:20]
+    return state_dir() / "imports" / f"{key}.done"
+
+
+def import_folder(client: Client, folder: Path, *, batch_size: int = 16, metadata: dict | None = None,
+                  progress: bool = True) -> dict[str, int]:
+    """Uploads every image under ``folder`` in batches, with a progress bar.
+
+    Files already imported (recorded in a checkpoint under the state dir) are
+    skipped, so an interrupted import resumes where it stopped; uploads are
+    content-addressed, so no image is ever stored twice either way.
+    """
+    from tqdm import tqdm
+
+    files = list_image_files(folder)
+    checkpoint = import_checkpoint_path(client.target, folder, client.collection)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    done = set(checkpoint.read_text().splitlines()) if checkpoint.exists() else set()
+    pending = [p for p in files if str(p.relative_to(folder)) not in done]
+    counts = {"found": len(files), "already_done": len(files) - len(pending), "imported": 0, "duplicates": 0,
+              "failed": 0}
+    bar = tqdm(total=len(files), initial=counts["already_done"], unit="img", desc="import", disable=not progress,
+               dynamic_ncols=True)
+    failures: list[str] = []
+    with open(checkpoint, "a") as record:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start:start + batch_size]
+            results = client.upload_files(batch, metadata=metadata)
+            for path, result in zip(batch, results):
+                if result.ok:
+                    counts["imported" if result.created else "duplicates"] += 1
+                    record.write(f"{path.relative_to(folder)}\n")
+                else:
+                    counts["failed"] += 1
+                    failures.append(f"{path}: {result.error_code}: {result.error}")
+            record.flush()
+            os.fsync(record.fileno())
+            bar.update(len(batch))
+    bar.close()
+    for failure in failures[:20]:
+        print(f"  failed: {failure}", file=sys.stderr)
+    return counts
+
+
+def import_s3(client: Client, source: str, *, progress: bool = True) -> dict[str, int]:
+    """Starts (or resumes) a server-side import job and follows it with a progress bar."""
+    from tqdm import tqdm
+
+    job = client.import_images(source)
+    bar = tqdm(total=job.total or None, unit="img", desc="import", disable=not progress, dynamic_ncols=True)
+    while True:
+        bar.total = job.total if job.listing_done else max(job.total, bar.total or 0)
+        bar.n = job.processed
+        bar.refresh()
+        if job.done:
+            break
+        time.sleep(0.5)
+        job = client.get_import_job(job.job_id)
+    bar.close()
+    for key, message in job.errors[:20]:
+        print(f"  failed: {key}: {message}", file=sys.stderr)
+    if job.state == "FAILED":
+        raise SystemExit(f"error: import job {job.job_id} failed")
+    return {"found": job.total, "imported": job.imported, "skipped": job.skipped, "failed": job.failed}
+
+
+# -- commands --------------------------------------------------------------------
+
+def stack_config(args):
+    from clipsearch.stack import StackConfig, demo_model_dir
+
+    model, pretrained = args.model, args.pretrained
+    if args.demo:
+        model, pretrained = str(demo_model_dir()), "none"
+    return StackConfig(
+        data_dir=Path(args.data_dir), model=model, pretrained=pretrained, shards=args.shards,
+        storage=args.storage, gateway_port=args.port, s3_endpoint_url=args.s3_endpoint_url,
+        api_keys=[k for k in args.api_keys.split(",") if k], device=args.device,
+    )
+
+
+def cmd_up(args) -> int:
+    from clipsearch.stack import LocalStack
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = LocalStack(stack_config(args))
+    print(f"starting encoder ({stack.config.model}), {args.shards} index shard(s) and the gateway ...", flush=True)
+    stack.start()
+    stack.record()
+    info = stack.describe()
+    for name, service in info["services"].items():
+        print(f"  {name:<10} {service['address']:<22} log {service['log']}")
+    print(f"gateway ready at {info['target']}  (Ctrl-C to stop)", flush=True)
+    try:
+        while not stop.wait(0.5):
+            exited = stack.first_exited()
+            if exited is not None:
+                print(f"error: {exited.name} exited with code {exited.proc.returncode}; see {exited.log_path}",
+                      file=sys.stderr)
+                return 1
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+def cmd_down(args) -> int:
+    from clipsearch.stack import read_stack
+
+    stack = read_stack()
+    if stack is None:
+        print("no local stack is running")
+        return 0
+    os.kill(stack["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        try:
+            os.kill(stack["pid"], 0)
+        except OSError:
+            print("stopped")
+            return 0
+        time.sleep(0.2)
+    print(f"error: the stack (pid {stack['pid']}) is still stopping", file=sys.stderr)
+    return 1
+
+
+def cmd_import(args) -> int:
+    with make_client(args) as client:
+        if args.source.startswith("s3://"):
+            counts = import_s3(client, args.source, progress=not args.quiet)
+        else:
+            folder = Path(args.source)
+            if not folder.is_dir():
+                raise SystemExit(f"error: {args.source} is not a folder or an s3:// prefix")
+            counts = import_folder(client, folder, batch_size=args.batch_size, progress=not args.quiet)
+    print(json.dumps(counts) if args.json else "  ".join(f"{k}={v}" for k, v in counts.items()))
+    return 1 if counts.get("failed") else 0
+
+
+def cmd_search(args) -> int:
+    if not args.text and not args.image and not args.image_id:
+        raise SystemExit("error: give a text, --image PATH or --image-id ID")
+    with make_client(args) as client:
+        results = client.search(
+            args.text or None, image=args.image, image_id=args.image_id, top_k=args.top_k,
+            min_score=args.min_score, filter=parse_filters(args.filter), diversity=args.diversity,
+            page_size=args.page_size, page_token=args.page_token,
+            positive_ids=args.more_like, negative_ids=args.less_like,
+        )
+    if args.json:
+        print(results_json(results))
+    else:
+        print_results(results, f"results for {args.text!r}" if args.text else "")
+    return 0
+
+
+def cmd_get(args) -> int:
+    with make_client(args) as client:
+        image = client.get(args.id)
+    print(json.dumps({"id": image.id, "url": image.url, "metadata": image.metadata, "size_bytes": image.size_bytes,
+                      "content_type": image.content_type}, indent=2, default=str))
+    return 0
+
+
+def cmd_delete(args) -> int:
+    with make_client(args) as client:
+        for image_id in args.ids:
+            client.delete(image_id)
+            print(f"deleted {image_id}")
+    return 0
+
+
+def cmd_collections(args) -> int:
+    with make_client(args) as client:
+        if args.action == "create":
+            collections = [client.create_collection(args.name, index_spec=args.index_spec)]
+        elif args.action == "delete":
+            client.delete_collection(args.name)
+            print(f"deleted collection {args.name}")
+            return 0
+        else:
+            collections = client.list_collections()
+    print(f"  {'name':<20} {'vectors':>10} {'dim':>5} {'index':<16} {'trained':<8} {'memory':>12}")
+    for c in collections:
+        print(f"  {c.name:<20} {c.vector_count:>10} {c.dim:>5} {c.index_spec:<16} {str(c.trained):<8} "
+              f"{c.memory_bytes:>12}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from clipsearch.stack import read_stack
+
+    with make_client(args) as client:
+        collections = client.list_collections()
+    stack = read_stack()
+    report = {
+        "target": resolve_target(args),
+        "local_stack": stack["services"] if stack else None,
+        "collections": [c.__dict__ for c in collections],
+    }
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from clipsearch import eval as evaluation
+
+    extra = list(args.eval_args)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    if not any(a.startswith("--target") for a in extra) and not any(a.startswith("--model") for a in extra) \
+            and args.target:
+        extra = ["--target", args.target, *extra]
+    evaluation.main(extra)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Local stack on the demo model, sample images, import, three queries, shut down."""
+    from clipsearch import synthetic
+    from clipsearch.stack import LocalStack
+
+    args.demo = True
+    data_dir = Path(args.data_dir)
+    samples = data_dir / "sample-images"
+    if not (samples.exists() and list_image_files(samples)):
+        print(f"generating {args.images} sample images in {samples} ...", flush=True)
+        synthetic.write_dataset(samples, n=args.images, seed=args.seed, size=96, image_format="jpg")
+    stack = LocalStack(stack_config(args))
+    print("starting the local stack on the bundled demo model ...", flush=True)
+    started = time.monotonic()
+    stack.start()
+    try:
+        print(f"stack ready in {time.monotonic() - started:.1f}s; gateway at {stack.gateway_address}", flush=True)
+        with Client(stack.gateway_address) as client:
+            counts = import_folder(client, samples, batch_size=32)
+            print("  ".join(f"{k}={v}" for k, v in counts.items()))
+            for query in DEMO_QUERIES:
+                print_results(client.search(query, top_k=5), f"top 5 for {query!r}")
+    finally:
+        print("\nshutting down ...", flush=True)
+        stack.stop()
+    print("done")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipsearch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=os.environ.get("CLIPSEARCH_TARGET", ""),
+                        help="gateway HOST:PORT (default: the stack `up` started, else 127.0.0.1:50050)")
+    common.add_argument("--api-key", default=os.environ.get("CLIPSEARCH_API_KEY", ""),
+                        help="API key (env CLIPSEARCH_API_KEY)")
+    common.add_argument("--collection", default="", help="collection (default: the gateway's default)")
+    common.add_argument("--tls", action="store_true", help="use TLS with the system's CA roots")
+    common.add_argument("--tls-ca", default="", help="PEM CA bundle to trust (implies --tls)")
+    common.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    stack_flags = argparse.ArgumentParser(add_help=False)
+    stack_flags.add_argument("--data-dir", default="./data/local", help="where shards, images and logs live")
+    stack_flags.add_argument("--model", default="ViT-B-32", help="open_clip model name or model folder")
+    stack_flags.add_argument("--pretrained", default="openai", help="pretrained tag, checkpoint file, or none")
+    stack_flags.add_argument("--demo", action="store_true", help="use the bundled demo model (offline)")
+    stack_flags.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    stack_flags.add_argument("--shards", type=int, default=2, help="index shard processes")
+    stack_flags.add_argument("--storage", default="", help="DIR or s3://bucket/prefix (default: DATA_DIR/images)")
+    stack_flags.add_argument("--s3-endpoint-url", default="", help="S3 endpoint (MinIO); empty = AWS")
+    stack_flags.add_argument("--port", type=int, default=50050, help="gateway port (0 = any free port)")
+    stack_flags.add_argument("--api-keys", default="", help="comma-separated API keys the gateway requires")
+
+    p = sub.add_parser("up", parents=[stack_flags], help="start a local stack (encoder, index shards, gateway)")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop the local stack started by `up`")
+    p.add_argument("--wait", type=float, default=60.0)
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("demo", parents=[stack_flags], help="run the offline demo end to end")
+    p.add_argument("--images", type=int, default=300, help="sample images to generate")
+    p.add_argument("--seed", type=int, default=2024)
+    p.set_defaults(func=cmd_demo, data_dir="./data/demo", port=0)
+
+    p = sub.add_parser("import", parents=[common], help="import a folder or s3://bucket/prefix (resumable)")
+    p.add_argument("source", help="a local folder or s3://bucket/prefix")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("search", parents=[common], help="search by text or image")
+    p.add_argument("text", nargs="?", default="")
+    p.add_argument("--image", help="search by this image file")
+    p.add_argument("--image-id", help="search by a stored image")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--min-score", type=float, default=None)
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="metadata filter: key=value, key=a|b, key>=x, key<y (repeat to AND)")
+    p.add_argument("--diversity", type=float, default=0.0, help="MMR diversity in [0, 1]")
+    p.add_argument("--more-like", action="append", default=[], metavar="ID", help="relevance feedback: positive id")
+    p.add_argument("--less-like", action="append", default=[], metavar="ID", help="relevance feedback: negative id")
+    p.add_argument("--page-size", type=int, default=0)
+    p.add_argument("--page-token", default="")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("get", parents=[common], help="show one image")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_get)
+    p = sub.add_parser("delete", parents=[common], help="delete images by id")
+    p.add_argument("ids", nargs="+")
+    p.set_defaults(func=cmd_delete)
+    p = sub.add_parser("collections", parents=[common], help="list, create or delete collections")
+    p.add_argument("action", nargs="?", choices=["list", "create", "delete"], default="list")
+    p.add_argument("name", nargs="?", default="")
+    p.add_argument("--index-spec", default="Flat", help="FAISS spec for create: Flat, IVF1024,Flat, HNSW32, ...")
+    p.set_defaults(func=cmd_collections)
+    p = sub.add_parser("stats", parents=[common], help="collections and local stack status as JSON")
+    p.set_defaults(func=cmd_stats)
+    p = sub.add_parser("eval", parents=[common], help="retrieval accuracy (Recall@1/5, MRR, NDCG@10)",
+                       description="Runs `python -m clipsearch.eval`; arguments after `--` go to it.")
+    p.add_argument("eval_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ClipsearchError as error:
+        print(f"error: {error.code}: {error.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
