@@ -43,7 +43,7 @@ def jpeg(seed: int, size=(640, 480)) -> bytes:
 
 
 def start_encoder(model: str, pretrained: str, workdir: Path):
-    from tests.conftest import ServiceProcess
+    from clipsearch.stack import ServiceProcess
 
     return ServiceProcess(
         "encoder_service",

@@ -3,16 +3,14 @@ to run a service as a real subprocess on a free port."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from clipsearch import stack
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,61 +48,11 @@ def s3_bucket(s3_endpoint, request):
     yield client, name
 
 
-class ServiceProcess:
-    """A service started as ``python -m <module>`` with a port file, stopped on exit."""
+class ServiceProcess(stack.ServiceProcess):
+    """``clipsearch.stack.ServiceProcess`` with ``env`` added to this process's environment."""
 
     def __init__(self, module: str, args: list[str], workdir: Path, env: dict | None = None, name: str = ""):
-        self.module = module
-        self.args = args
-        self.workdir = workdir
-        self.name = name or module
-        self.env = {**os.environ, **(env or {})}
-        self.port_file = workdir / f"{self.name}.port.json"
-        self.log_path = workdir / f"{self.name}.log"
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
-        self.metrics_port: int | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 120.0) -> "ServiceProcess":
-        self.port_file.unlink(missing_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port-file", str(self.port_file), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            if self.port_file.exists():
-                info = json.loads(self.port_file.read_text())
-                self.port, self.metrics_port = info["port"], info["metrics_port"]
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise TimeoutError(f"{self.name} did not start in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
+        super().__init__(module, args, workdir, name=name, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -65,60 +66,108 @@ class StackConfig:
     device: str = "auto"
 
 
-@dataclasses.dataclass
-class _Child:
-    name: str
-    proc: subprocess.Popen
-    port_file: Path
-    log_path: Path
-    port: int = 0
+class ServiceProcess:
+    """One service run as ``python -m <module> --port-file F ...``, ready once its
+    port file exists and its health check says SERVING."""
+
+    def __init__(self, module: str, args: Sequence[str], workdir: Path, *, name: str = "",
+                 host: str = "127.0.0.1", port: int = 0, env: Mapping[str, str] | None = None):
+        self.module = module
+        self.name = name or module
+        self.host = host
+        self.args = ["--host", host, "--port", str(port), *args]
+        self.workdir = Path(workdir)
+        self.env = dict(os.environ if env is None else env)
+        self.port_file = self.workdir / f"{self.name}.port.json"
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.port: int = 0
+        self.metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def spawn(self) -> "ServiceProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port_file.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, "--port-file", str(self.port_file), *self.args],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> "ServiceProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}; its log ends:\n"
+                                   f"{self.log_text()[-3000:]}")
+            if self.port_file.exists():
+                info = json.loads(self.port_file.read_text())
+                self.port, self.metrics_port = info["port"], info["metrics_port"]
+                with grpc.insecure_channel(self.address) as channel:
+                    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                if status.status == health_pb2.HealthCheckResponse.SERVING:
+                    return self
+            time.sleep(0.05)
+        self.kill()
+        raise TimeoutError(f"{self.name} was not healthy after {timeout:.0f}s; its log ends:\n"
+                           f"{self.log_text()[-3000:]}")
+
+    def start(self, timeout: float = 300.0) -> "ServiceProcess":
+        return self.spawn().wait_ready(timeout)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.running():
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Exit code; kills the process if it outlives ``timeout``."""
+        if self.proc is None:
+            return 0
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.running():
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 class LocalStack:
     def __init__(self, config: StackConfig):
         self.config = config
-        self.children: list[_Child] = []
+        self.children: list[ServiceProcess] = []
         self.data_dir = Path(config.data_dir).resolve()
 
     @property
     def gateway_address(self) -> str:
-        return f"{self.config.host}:{self._child('gateway').port}"
+        return self._child("gateway").address
 
-    def _child(self, name: str) -> _Child:
+    def _child(self, name: str) -> ServiceProcess:
         return next(c for c in self.children if c.name == name)
 
-    def _spawn(self, name: str, module: str, args: list[str], port: int) -> _Child:
-        logs = self.data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        port_file = self.data_dir / "run" / f"{name}.port.json"
-        port_file.parent.mkdir(parents=True, exist_ok=True)
-        port_file.unlink(missing_ok=True)
-        log_path = logs / f"{name}.log"
-        log = open(log_path, "ab")
+    def _spawn(self, name: str, module: str, args: list[str], port: int) -> ServiceProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSEARCH_") or k == "CLIPSEARCH_CONFIG"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--host", self.config.host, "--port", str(port),
-             "--port-file", str(port_file), "--drain-delay-seconds", "0", *args],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-        child = _Child(name, proc, port_file, log_path)
+        child = ServiceProcess(module, ["--drain-delay-seconds", "0", *args], self.data_dir / "logs", name=name,
+                               host=self.config.host, port=port, env=env)
         self.children.append(child)
-        return child
-
-    def _wait_ready(self, child: _Child, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if child.proc.poll() is not None:
-                tail = child.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}; its log ends:\n{tail}")
-            if child.port_file.exists():
-                child.port = json.loads(child.port_file.read_text())["port"]
-                with grpc.insecure_channel(f"{self.config.host}:{child.port}") as channel:
-                    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if status.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            time.sleep(0.1)
-        raise TimeoutError(f"{child.name} was not healthy after {timeout:.0f}s; see {child.log_path}")
+        return child.spawn()
 
     def start(self, timeout: float = 300.0) -> "LocalStack":
         cfg = self.config
@@ -134,7 +183,7 @@ class LocalStack:
                 for i in range(cfg.shards)
             ]
             for child in [*shards, encoder]:
-                self._wait_ready(child, timeout)
+                child.wait_ready(timeout)
             storage = cfg.storage or str(self.data_dir / "images")
             gateway_args = [
                 "--encoder", f"{cfg.host}:{encoder.port}",
@@ -143,7 +192,7 @@ class LocalStack:
                 *(["--s3-endpoint-url", cfg.s3_endpoint_url] if cfg.s3_endpoint_url else []),
                 *(["--api-keys", ",".join(cfg.api_keys)] if cfg.api_keys else []),
             ]
-            self._wait_ready(self._spawn("gateway", "gateway", gateway_args, cfg.gateway_port), timeout)
+            self._spawn("gateway", "gateway", gateway_args, cfg.gateway_port).wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
@@ -154,7 +203,7 @@ class LocalStack:
             "pid": os.getpid(),
             "target": self.gateway_address,
             "data_dir": str(self.data_dir),
-            "services": {c.name: {"address": f"{self.config.host}:{c.port}", "pid": c.proc.pid,
+            "services": {c.name: {"address": c.address, "pid": c.proc.pid,
                                   "log": str(c.log_path)} for c in self.children},
         }
 
@@ -174,24 +223,15 @@ class LocalStack:
         except (OSError, ValueError):
             pass
 
-    def first_exited(self) -> _Child | None:
-        return next((c for c in self.children if c.proc.poll() is not None), None)
+    def first_exited(self) -> ServiceProcess | None:
+        return next((c for c in self.children if not c.running()), None)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the gateway first, then the shards and the encoder; kill what outlives ``timeout``."""
         for child in sorted(self.children, key=lambda c: c.name != "gateway"):
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-                if child.name == "gateway":
-                    self._wait(child, timeout)
+            child.signal(signal.SIGTERM)
+            if child.name == "gateway":
+                child.wait(timeout)
         for child in self.children:
-            self._wait(child, timeout)
+            child.wait(timeout)
         self.forget()
-
-    @staticmethod
-    def _wait(child: _Child, timeout: float) -> None:
-        try:
-            child.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            child.proc.kill()
-            child.proc.wait()
