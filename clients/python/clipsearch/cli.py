@@ -228,9 +228,7 @@ def cmd_down(args) -> int:
     os.kill(stack["pid"], signal.SIGTERM)
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
-        try:
-            os.kill(stack["pid"], 0)
-        except OSError:
+        if read_stack() is None:  # `up` forgets the stack once every service has stopped
             print("stopped")
             return 0
         time.sleep(0.2)

@@ -63,6 +63,12 @@ class Internal(ClipsearchError):
     code = "INTERNAL"
 
 
+# google.rpc.ErrorInfo reasons that callers act on.
+# An index shard does not know a filter key; a caller fanning out over shards may
+# find the key on another shard, so this shard simply matches nothing.
+UNKNOWN_FILTER_KEY = "UNKNOWN_FILTER_KEY"
+
+
 ERRORS_BY_CODE: dict[str, type[ClipsearchError]] = {
     cls.code: cls
     for cls in (

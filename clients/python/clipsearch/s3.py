@@ -34,7 +34,9 @@ def make_s3_client(endpoint_url: str = "", region: str = ""):
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32)
+    # SigV4 everywhere: presigned URLs then carry X-Amz-Expires and work in every region.
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32,
+                    signature_version="s3v4")
     session = boto3.session.Session()
     return session.client(
         "s3",

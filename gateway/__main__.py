@@ -1,0 +1,61 @@
+"""``python -m gateway``: the public clipsearch API.
+
+    python -m gateway --encoder HOST:PORT --index HOST:PORT[,HOST:PORT...] \\
+        --storage s3://bucket/prefix|DIR --port P --metrics-port M
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from clipsearch.errors import ClipsearchError
+from clipsearch.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
+from clipsearch.server.app import GrpcService, Registration, run_until_signalled
+from clipsearch.server.logs import configure_logging
+from clipsearch.server.settings import SettingsError
+
+from gateway.auth import ApiKeys, AuthInterceptor
+from gateway.engine import Gateway
+from gateway.servicer import GatewayServicer
+from gateway.settings import GatewaySettings, load_gateway_settings
+
+
+def build_service(settings: GatewaySettings) -> tuple[GrpcService, Gateway]:
+    engine = Gateway(settings)
+    keys = ApiKeys(settings.api_keys, settings.api_keys_file)
+    registration = Registration(
+        gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"],
+        gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server,
+        GatewayServicer(engine),
+    )
+    service = GrpcService(settings, [registration], name="gateway", extra_interceptors=[AuthInterceptor(keys)])
+    return service, engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_gateway_settings(argv)
+    except (SettingsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        asyncio.run(serve(settings))
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ClipsearchError as exc:
+        print(f"error: gateway could not start: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def serve(settings: GatewaySettings) -> None:
+    # Built inside the running loop: grpc.aio channels belong to the loop that made them.
+    service, engine = build_service(settings)
+    await run_until_signalled(service, load=engine.start, shutdown=engine.close, port_file=settings.port_file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

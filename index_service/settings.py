@@ -1,0 +1,34 @@
+"""Settings of the index service (flags, ``CLIPSEARCH_*`` environment, YAML section ``index:``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from clipsearch.server.settings import ServerSettings
+
+
+@dataclass
+class IndexSettings(ServerSettings):
+    data_dir: str = field(
+        default="./data/index", metadata={"help": "directory of the durable store and the FAISS snapshots"}
+    )
+    snapshot_interval_seconds: float = field(
+        default=300.0, metadata={"help": "snapshot collections changed since their last snapshot this often (0: off)"}
+    )
+    snapshot_on_shutdown: bool = field(
+        default=True, metadata={"help": "snapshot changed collections on SIGTERM before exiting"}
+    )
+    auto_train: bool = field(
+        default=True, metadata={"help": "train IVF/PQ indexes in the background once they hold enough vectors"}
+    )
+    build_threads: int = field(
+        default=0, metadata={"help": "FAISS threads for training and index builds (0: every core)"}
+    )
+    backup_s3_uri: str = field(
+        default="", metadata={"help": "s3://bucket/prefix to back snapshots and the store up to, and restore "
+                                      "from when the data dir is empty (empty: no backup)"}
+    )
+    s3_endpoint_url: str = field(
+        default="", metadata={"help": "S3 endpoint URL for MinIO or a test server (empty: AWS); credentials "
+                                      "come from boto3's standard chain"}
+    )

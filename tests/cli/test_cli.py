@@ -1,0 +1,170 @@
+"""The CLI and SDK end to end: `clipsearch up` in a subprocess, then import,
+search, get, delete, resume of an interrupted import, and clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipsearch import errors
+from clipsearch.client import AsyncClient, Client
+
+API_KEY = "cli-test-key"
+
+
+def write_images(folder: Path, count: int, seed: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).resize((64, 64), Image.NEAREST)
+        path = folder / f"img-{i:03d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    env = {**os.environ, "CLIPSEARCH_STATE_DIR": str(root / "state"), "CLIPSEARCH_API_KEY": API_KEY}
+    up = subprocess.Popen(
+        [sys.executable, "-m", "clipsearch.cli", "up", "--model", "clipsearch-tiny", "--pretrained", "none",
+         "--shards", "2", "--data-dir", str(root / "data"), "--port", "0", "--api-keys", API_KEY],
+        stdout=open(root / "up.log", "wb"), stderr=subprocess.STDOUT, env=env,
+    )
+    stack_file = root / "state" / "stack.json"
+    deadline = time.monotonic() + 180
+    while not stack_file.exists():
+        assert up.poll() is None, (root / "up.log").read_text()
+        assert time.monotonic() < deadline, "clipsearch up did not become ready"
+        time.sleep(0.2)
+    info = json.loads(stack_file.read_text())
+    yield {"root": root, "env": env, "up": up, "info": info}
+    if up.poll() is None:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
+
+
+def cli(stack, *args, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "clipsearch.cli", *args], env=stack["env"],
+                            capture_output=True, text=True, timeout=180)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_import_search_get_delete_through_the_cli(stack):
+    folder = stack["root"] / "photos"
+    paths = write_images(folder, 24, seed=1)
+    counts = json.loads(cli(stack, "import", str(folder), "--json", "--quiet").stdout)
+    assert counts["found"] == 24 and counts["imported"] == 24 and counts["failed"] == 0
+
+    query = paths[5]
+    found = json.loads(cli(stack, "search", "--image", str(query), "--json", "--top-k", "3").stdout)
+    assert found["hits"][0]["id"] == sha(query)
+    assert found["hits"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert found["hits"][0]["metadata"]["filename"] == query.name
+
+    table = cli(stack, "search", "a red circle", "--top-k", "3").stdout
+    assert "rank" in table and len([l for l in table.splitlines() if l.strip()[:1].isdigit()]) == 3
+
+    shown = json.loads(cli(stack, "get", sha(query)).stdout)
+    assert shown["id"] == sha(query) and shown["size_bytes"] == query.stat().st_size
+
+    cli(stack, "delete", sha(query))
+    again = json.loads(cli(stack, "search", "--image", str(query), "--json", "--top-k", "24").stdout)
+    assert sha(query) not in [h["id"] for h in again["hits"]]
+    missing = cli(stack, "get", sha(query), check=False)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_an_interrupted_import_resumes_without_duplicates(stack, monkeypatch):
+    from clipsearch.cli import import_checkpoint_path
+
+    folder = stack["root"] / "resume"
+    paths = write_images(folder, 60, seed=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipsearch.cli", "import", str(folder), "--batch-size", "4"],
+        env=stack["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    monkeypatch.setenv("CLIPSEARCH_STATE_DIR", stack["env"]["CLIPSEARCH_STATE_DIR"])
+    checkpoint = import_checkpoint_path(stack["info"]["target"], folder, "")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if checkpoint.exists() and len(checkpoint.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "run the same command again to resume" in err
+
+    counts = json.loads(cli(stack, "import", str(folder), "--json", "--quiet", "--batch-size", "4").stdout)
+    assert counts["already_done"] >= 8 and counts["already_done"] + counts["imported"] + counts["duplicates"] == 60
+    assert counts["failed"] == 0
+
+    with Client(stack["info"]["target"], api_key=API_KEY) as client:
+        stored = [image.id for image in client.iter_images(page_size=7)]
+    assert len(stored) == len(set(stored)), "an image was stored twice"
+    assert {sha(p) for p in paths} <= set(stored)
+
+
+def test_sdk_sync_and_async_with_typed_errors(stack):
+    target = stack["info"]["target"]
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64), (250, 10, 10)).save(image, "PNG")
+    with Client(target, api_key=API_KEY) as client:
+        [result] = client.upload([(image.getvalue(), {"colour": "red", "weight": 3})])
+        assert result.ok and len(result.id) == 64
+        hits = client.search(image=image.getvalue(), top_k=1, filter={"colour": "red"})
+        assert hits[0].id == result.id
+        assert hits[0].metadata["colour"] == "red" and hits[0].metadata["weight"] == 3.0
+        with pytest.raises(errors.NotFound) as info:
+            client.get("0" * 64)
+        assert info.value.code == "NOT_FOUND"
+        with pytest.raises(errors.InvalidArgument):
+            client.search(top_k=5)  # no query at all
+    with Client(target, api_key="wrong") as client, pytest.raises(errors.Unauthenticated):
+        client.list_collections()
+
+    async def use_async():
+        async with AsyncClient(target, api_key=API_KEY) as client:
+            hits = await client.search(image=image.getvalue(), top_k=1)
+            collections = await client.list_collections()
+            try:
+                await client.get("f" * 64)
+            except errors.NotFound as error:
+                return hits, collections, error
+
+    hits, collections, error = asyncio.run(use_async())
+    assert hits[0].id == result.id
+    assert collections and collections[0].vector_count >= 1
+    assert error.code == "NOT_FOUND"
+
+
+def test_down_stops_every_process_cleanly(stack):
+    pids = [s["pid"] for s in stack["info"]["services"].values()]
+    cli(stack, "down")
+    assert stack["up"].wait(60) == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (stack["root"] / "state" / "stack.json").exists()

@@ -1,0 +1,175 @@
+"""Gateway engine against in-process fakes, where failures can be injected:
+encoder retries and deadlines, the text cache, model mismatches, and uploads
+when a shard is down (nothing half-stored)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from google.rpc import code_pb2
+from PIL import Image
+from prometheus_client import REGISTRY
+
+from clipsearch.errors import FailedPrecondition, Unavailable
+from clipsearch.gateway.v1 import gateway_service_pb2 as gpb
+from clipsearch.index.v1 import index_service_pb2 as ipb
+from gateway.engine import Gateway
+from gateway.rpc import Deadline
+from gateway.settings import GatewaySettings
+from gateway.shards import shard_for_id
+from gateway.storage import image_id_for
+from tests.gateway.fake_index import start_fake_shard
+from tests.gateway.fakes import DIM, start_fake_encoder
+
+
+def png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+@pytest.fixture
+def harness(tmp_path):
+    def run(scenario, **overrides):
+        async def main():
+            enc_server, encoder, enc_addr = await start_fake_encoder()
+            shards = [await start_fake_shard() for _ in range(2)]
+            settings = GatewaySettings(
+                encoder=enc_addr, index=[a for _, _, a in shards], storage=str(tmp_path / "images"),
+                data_dir=str(tmp_path / "data"), retry_backoff_seconds=0.01, startup_timeout_seconds=10,
+                page_token_secret="test", **overrides,
+            ).validate()
+            gateway = Gateway(settings)
+            await gateway.start()
+            try:
+                await scenario(gateway, encoder, shards)
+            finally:
+                await gateway.close()
+                await enc_server.stop(None)
+                for server, _, _ in shards:
+                    await server.stop(None)
+
+        asyncio.run(main())
+
+    return run
+
+
+def text_query(*texts: str, **kwargs) -> gpb.SearchImagesRequest:
+    return gpb.SearchImagesRequest(parts=[gpb.QueryPart(text=t) for t in texts], **kwargs)
+
+
+def test_default_collection_is_created_with_the_encoder_model(harness):
+    async def scenario(gateway, encoder, shards):
+        for _, fake, _ in shards:
+            collection = fake.collections["images"]
+            assert collection.dim == DIM and collection.model_fingerprint == "fake-model"
+
+    harness(scenario)
+
+
+def test_encoder_unavailable_is_retried_then_reported(harness):
+    async def scenario(gateway, encoder, shards):
+        before = metric("clipsearch_gateway_encoder_retries_total")
+        encoder.fail_next = 2
+        response = await gateway.search(text_query("a red bus"), Deadline.after(10))
+        assert metric("clipsearch_gateway_encoder_retries_total") - before == 2
+        assert response.hits == []  # empty collection, but the call went through
+        encoder.fail_next = 100
+        with pytest.raises(Unavailable, match="encoder"):
+            await gateway.search(text_query("another text"), Deadline.after(10))
+
+    harness(scenario, encoder_retries=3)
+
+
+def test_deadline_is_passed_down(harness):
+    async def scenario(gateway, encoder, shards):
+        await gateway.search(text_query("deadline"), Deadline.after(1.5))
+        assert encoder.timeouts[-1] is not None and encoder.timeouts[-1] <= 1.6
+        await gateway.search(text_query("no deadline"), Deadline(None))
+        assert encoder.timeouts[-1] <= gateway.settings.encoder_timeout_seconds + 1  # clocks differ a little
+
+    harness(scenario)
+
+
+def test_text_cache_hits_and_misses(harness):
+    async def scenario(gateway, encoder, shards):
+        hits, misses = metric("clipsearch_gateway_text_cache_hits_total"), metric(
+            "clipsearch_gateway_text_cache_misses_total")
+        await gateway.search(text_query("a cat", "a dog"), Deadline.after(5))
+        await gateway.search(text_query("a cat"), Deadline.after(5))
+        await gateway.search(text_query("a cat", "a bird"), Deadline.after(5))
+        assert encoder.text_calls == [["a cat", "a dog"], ["a bird"]]
+        assert metric("clipsearch_gateway_text_cache_hits_total") - hits == 2
+        assert metric("clipsearch_gateway_text_cache_misses_total") - misses == 3
+        # LRU of 2: "a dog" is the least recently used and was evicted.
+        await gateway.search(text_query("a dog"), Deadline.after(5))
+        assert encoder.text_calls[-1] == ["a dog"]
+
+    harness(scenario, text_cache_size=2)
+
+
+def test_model_mismatch_is_refused_clearly(harness):
+    async def scenario(gateway, encoder, shards):
+        await gateway.shards.create_collection(
+            ipb.CreateCollectionRequest(name="old", dim=DIM, model_fingerprint="some-older-model"), Deadline.after(5))
+        with pytest.raises(FailedPrecondition, match="model mismatch.*some-older-model.*fake-model"):
+            await gateway.search(text_query("x", collection="old"), Deadline.after(5))
+        with pytest.raises(FailedPrecondition, match="model mismatch"):
+            await gateway.upload(gpb.UploadImagesRequest(collection="old", items=[gpb.UploadItem(data=png(1))]),
+                                 Deadline.after(5))
+        assert not (gateway.storage.root / "old").exists()  # nothing stored
+
+    harness(scenario)
+
+
+def test_upload_with_a_dead_shard_fails_only_its_items_and_stores_nothing_for_them(harness):
+    async def scenario(gateway, encoder, shards):
+        datas = [png(i) for i in range(12)]
+        await shards[1][0].stop(None)
+        response = await gateway.upload(gpb.UploadImagesRequest(items=[gpb.UploadItem(data=d) for d in datas]),
+                                        Deadline.after(10))
+        on_dead = [shard_for_id(image_id_for(d), 2) == 1 for d in datas]
+        assert any(on_dead) and not all(on_dead)
+        for data, dead, result in zip(datas, on_dead, response.results):
+            stored = (gateway.storage.root / "images" / image_id_for(data)).exists()
+            if dead:
+                assert result.status.code == code_pb2.UNAVAILABLE and not result.id and not stored
+                assert shards[1][2] in result.status.message
+            else:
+                assert result.status.code == code_pb2.OK and result.created and stored
+
+    harness(scenario)
+
+
+def test_upload_statuses_per_item(harness):
+    async def scenario(gateway, encoder, shards):
+        good = png(1)
+        items = [
+            gpb.UploadItem(data=good, filename="a.png"),
+            gpb.UploadItem(data=good),  # same bytes again in the same call
+            gpb.UploadItem(data=b"not an image"),
+            gpb.UploadItem(data=b"\x89PNG\r\n\x1a\n" + b"\x00" * 40),  # looks like PNG, is corrupt
+            gpb.UploadItem(data=b""),
+            gpb.UploadItem(data=png(2) * 40),  # too large for this gateway
+        ]
+        response = await gateway.upload(gpb.UploadImagesRequest(items=items), Deadline.after(10))
+        codes = [r.status.code for r in response.results]
+        assert codes == [0, 0] + [code_pb2.INVALID_ARGUMENT] * 4
+        assert response.results[0].created and not response.results[1].created
+        assert response.results[0].id == response.results[1].id == image_id_for(good)
+        assert "corrupt" in response.results[3].status.message
+        assert "limit" in response.results[5].status.message
+        again = await gateway.upload(gpb.UploadImagesRequest(items=items[:1]), Deadline.after(10))
+        assert again.results[0].status.code == 0 and not again.results[0].created
+        stored = sorted(p.name for p in (gateway.storage.root / "images").iterdir())
+        assert stored == [image_id_for(good)]
+
+    harness(scenario, max_image_bytes=4000)
