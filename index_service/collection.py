@@ -252,17 +252,7 @@ class Collection:
     ) -> list[list[tuple[str, int, float]]]:
         """Top-k per query as lists of (id, internal id, score), best first."""
         with self.rw.read():
-            size = self.next_internal_id
-            mask = None
-            if conditions:
-                mask = self.columns.evaluate(conditions, size) & self.alive[:size]
-            elif self.tombstones:
-                mask = self.alive[:size]
-            selector, bitmap = bitmap_selector(mask) if mask is not None else (None, None)
-            selections = [
-                ShardSelection(selector, mask, shard_no, self.num_shards) if mask is not None else None
-                for shard_no in range(self.num_shards)
-            ]
+            selections, bitmap = self._selections(conditions)
 
             def search_shard(shard_no: int) -> tuple[np.ndarray, np.ndarray]:
                 faiss.omp_set_num_threads(SEARCH_THREADS)  # per thread: OpenMP settings are thread-local
@@ -281,6 +271,23 @@ class Collection:
                 for row_labels, row_scores in zip(labels.tolist(), scores.tolist())
             ]
         return hits
+
+    def _selections(self, conditions: Sequence[Condition]) -> tuple[list[ShardSelection | None], np.ndarray | None]:
+        """Per shard, the ids a search may return (None: everything in its index), and the
+        bitmap their selectors read, which must outlive the search. Caller holds ``rw``."""
+        size = self.next_internal_id
+        if conditions:
+            mask = self.columns.evaluate(conditions, size) & self.alive[:size]
+        elif self.tombstones:
+            mask = self.alive[:size]
+        else:
+            return [None] * self.num_shards, None
+        selector, bitmap = bitmap_selector(mask)
+        matched = np.flatnonzero(mask)
+        if self.num_shards == 1:
+            return [ShardSelection(selector, matched)], bitmap
+        shard_of = matched % self.num_shards
+        return [ShardSelection(selector, matched[shard_of == s]) for s in range(self.num_shards)], bitmap
 
     def _merge(self, results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores (higher is better; -squared distance for L2) and labels of the best k over shards."""

@@ -126,17 +126,22 @@ class IndexEngine:
             auto_train: train IVF/PQ indexes in the background once they hold enough vectors.
             backup: upload snapshots and the store there, and restore from it when ``data_dir`` is empty.
             build_threads: FAISS threads for training and bulk builds (default: every core).
+
+        "Every core" is ``$OMP_NUM_THREADS`` when set (a pod sets it to its CPU limit) else
+        ``os.cpu_count()``; in-process shards are searched by a pool of that many threads.
         """
         self.data_dir = Path(data_dir)
         self.snapshot_interval_seconds = snapshot_interval_seconds
         self.snapshot_on_close = snapshot_on_close
         self.auto_train = auto_train
         self.backup = backup
-        self.build_threads = build_threads or os.cpu_count() or 1
+        omp_threads = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+        cores = int(omp_threads) if omp_threads.isdigit() and int(omp_threads) > 0 else os.cpu_count() or 1
+        self.build_threads = build_threads or cores
         self.store: Store | None = None
         self._collections: dict[str, Collection] = {}
         self._registry_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="shard-search")
+        self._pool = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="shard-search")
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None
         self._builds: list[threading.Thread] = []
