@@ -115,3 +115,15 @@ def test_health_lifecycle_rich_errors_and_drain_of_in_flight_calls():
     assert error.details() == "texts[0] is not acceptable here"
     assert violation.field_violations[0].field == "texts[0]"
     assert finished.model_fingerprint == "done", "the in-flight call finished during the drain"
+
+
+@dataclasses.dataclass
+class GatewayLike(ServerSettings):
+    encoder: str = "127.0.0.1:50051"
+
+
+def test_a_top_level_setting_named_like_a_section_is_still_a_setting(tmp_path):
+    config = tmp_path / "settings.yaml"
+    config.write_text("encoder: enc:50051\nindex:\n  port: 9\ngateway:\n  port: 7\n")
+    settings = load_settings(GatewayLike, section="gateway", argv=["--config", str(config)], environ={})
+    assert (settings.encoder, settings.port) == ("enc:50051", 7)

@@ -12,7 +12,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from clipsearch.server.settings import ENV_PREFIX
+from clipsearch.server.settings import ENV_PREFIX, ServerSettings
 
 BEGIN = "<!-- settings-reference:begin -->"
 END = "<!-- settings-reference:end -->"
@@ -35,16 +35,21 @@ def default_text(field: dataclasses.Field) -> str:
     return "(empty)" if value == "" else str(value)
 
 
+def table(title: str, fields) -> list[str]:
+    lines = [title, "", "| YAML key | environment | flag | default | meaning |", "|---|---|---|---|---|"]
+    for field in fields:
+        help_text = field.metadata.get("help", "").replace("|", "\\|")
+        lines.append(f"| `{field.name}` | `{ENV_PREFIX}{field.name.upper()}` | `--{field.name.replace('_', '-')}` "
+                     f"| `{default_text(field)}` | {help_text} |")
+    return lines + [""]
+
+
 def reference() -> str:
-    lines = [BEGIN, ""]
+    common = dataclasses.fields(ServerSettings)
+    lines = [BEGIN, "", *table("#### Every service", common)]
     for module, section, cls in services():
-        lines += [f"#### `python -m {module}` (YAML section `{section}:`)", "",
-                  "| YAML key | environment | flag | default | meaning |", "|---|---|---|---|---|"]
-        for field in dataclasses.fields(cls):
-            help_text = field.metadata.get("help", "").replace("|", "\\|")
-            lines.append(f"| `{field.name}` | `{ENV_PREFIX}{field.name.upper()}` | `--{field.name.replace('_', '-')}` "
-                         f"| `{default_text(field)}` | {help_text} |")
-        lines.append("")
+        own = [f for f in dataclasses.fields(cls) if f.name not in {c.name for c in common}]
+        lines += table(f"#### `python -m {module}` (YAML section `{section}:`)", own)
     lines.append(END)
     return "\n".join(lines)
 

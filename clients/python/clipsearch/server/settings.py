@@ -3,7 +3,8 @@
 A service declares its settings as a dataclass. Every field becomes a YAML key,
 an environment variable ``CLIPSEARCH_<FIELD>`` and a flag ``--field-name``.
 The YAML file may hold the keys at the top level, in a section named after the
-service (``encoder:``, ``index:``, ``gateway:``), or both; the section wins.
+service (``encoder:``, ``index:``, ``gateway:``, each a mapping), or both; the
+section wins.
 """
 
 from __future__ import annotations
@@ -137,9 +138,12 @@ def load_settings(
         document = yaml.safe_load(path.read_text()) or {}
         if not isinstance(document, dict):
             raise SettingsError(f"config file {config_path} must hold a mapping of settings")
+        # A top-level mapping named after a service is that service's section; any
+        # other top-level key is a setting (the gateway's `encoder: host:port` included).
         sections = {"encoder", "index", "gateway", "cli"}
-        layered = {k: v for k, v in document.items() if k not in sections}
-        layered.update(document.get(section) or {})
+        layered = {k: v for k, v in document.items() if not (k in sections and isinstance(v, dict))}
+        own = document.get(section)
+        layered.update(own if isinstance(own, dict) else {})
         unknown = set(layered) - names
         if unknown:
             raise SettingsError(
