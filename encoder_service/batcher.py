@@ -52,7 +52,7 @@ class DynamicBatcher:
     def __init__(
         self,
         kind: str,
-        run_batch: Callable[[list[Any]], np.ndarray],
+        run_batch: Callable[[list[Any]], Sequence[Any]],  # one row (or exception) per item
         executor: Executor,
         *,
         max_batch_size: int,
@@ -85,6 +85,13 @@ class DynamicBatcher:
 
     async def submit(self, items: Sequence[Any]) -> np.ndarray:
         """Rows for ``items`` (in order), computed in shared batches."""
+        return np.stack(await self._submit(items, return_exceptions=False))
+
+    async def submit_each(self, items: Sequence[Any]) -> list[Any]:
+        """Like ``submit``, but an item the model call rejected gets its exception in place of a row."""
+        return await self._submit(items, return_exceptions=True)
+
+    async def _submit(self, items: Sequence[Any], return_exceptions: bool) -> list[Any]:
         if self._closed:
             raise Unavailable("the encoder is shutting down")
         if len(self._queue) + len(items) > self.max_queue_size:
@@ -102,8 +109,7 @@ class DynamicBatcher:
             futures.append(future)
         QUEUE_DEPTH.labels(self.kind).set(len(self._queue))
         self._wakeup.set()
-        rows = await asyncio.gather(*futures)
-        return np.stack(rows)
+        return list(await asyncio.gather(*futures, return_exceptions=return_exceptions))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -143,5 +149,9 @@ class DynamicBatcher:
             MODEL_CALLS.labels(self.kind).inc()
             BATCH_SIZE.labels(self.kind).observe(len(batch))
             for pending, row in zip(batch, rows):
-                if not pending.future.done():
+                if pending.future.done():
+                    continue
+                if isinstance(row, BaseException):  # this item alone failed
+                    pending.future.set_exception(row)
+                else:
                     pending.future.set_result(row)

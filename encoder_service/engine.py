@@ -18,8 +18,8 @@ import torch
 from clipsearch.errors import ClipsearchError, InvalidArgument, NotFound, Unavailable
 from clipsearch.s3 import is_missing_error, make_s3_client, parse_s3_uri
 from encoder_service.batcher import DynamicBatcher
-from encoder_service.images import decode_image
-from encoder_service.model import ClipModel, load_model
+from encoder_service.images import EncodedJpeg, TensorPreprocess, decode_image, decode_jpegs, inspect_jpeg
+from encoder_service.model import ClipModel, ModelLoadError, load_model
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class EncoderConfig:
     max_image_bytes: int = _setting(20 * 1024 * 1024, "largest encoded image accepted, in bytes")
     max_image_pixels: int = _setting(40_000_000, "largest image accepted, in pixels (stops decompression bombs)")
     preprocess_workers: int = _setting(0, "threads decoding and preprocessing images (0 = one per core)")
+    image_decode: str = _setting(
+        "auto", "where JPEGs are decoded and preprocessed: auto (on the GPU when the model is on one), cpu, "
+        "or device (the model's device)")
     s3_endpoint_url: str = _setting("", "S3 endpoint for s3:// image URIs (MinIO, tests); empty = AWS")
 
 
@@ -70,6 +73,7 @@ class EncoderEngine:
         workers = config.preprocess_workers or os.cpu_count() or 1
         self._preprocess_pool = ThreadPoolExecutor(workers, thread_name_prefix="preprocess")
         self._s3 = None
+        self.tensor_preprocess: TensorPreprocess | None = None  # set when JPEGs are decoded on the device
         self.text_batcher: DynamicBatcher | None = None
         self.image_batcher: DynamicBatcher | None = None
 
@@ -89,9 +93,12 @@ class EncoderEngine:
             max_queue_size=cfg.max_queue_size,
         )
         self.text_batcher = DynamicBatcher("text", self.model.encode_texts, self._model_thread, **common)
-        self.image_batcher = DynamicBatcher(
-            "image", lambda pixels: self.model.encode_pixels(torch.stack(pixels)), self._model_thread, **common
-        )
+        if cfg.image_decode not in ("auto", "cpu", "device"):
+            raise ModelLoadError(f"image_decode must be auto, cpu or device; got {cfg.image_decode!r}")
+        on_device = cfg.image_decode == "device" or (cfg.image_decode == "auto" and self.model.device.type == "cuda")
+        if on_device and TensorPreprocess.supports(self.model.preprocess_config):
+            self.tensor_preprocess = TensorPreprocess(self.model.preprocess_config, self.model.device)
+        self.image_batcher = DynamicBatcher("image", self._encode_image_batch, self._model_thread, **common)
         self.text_batcher.start()
         self.image_batcher.start()
 
@@ -152,8 +159,9 @@ class EncoderEngine:
                 raise NotFound(f"{uri} does not exist (no such bucket or key)") from None
             raise Unavailable(f"could not read {uri}: {exc}") from None
 
-    def _prepare(self, source: ImageSource, index: int) -> torch.Tensor:
-        """Fetch (when a URI), decode and preprocess one image; runs on the pool."""
+    def _prepare(self, source: ImageSource, index: int) -> torch.Tensor | EncodedJpeg:
+        """Fetch (when a URI), decode and preprocess one image; runs on the pool.
+        With device decoding, a JPEG is only checked here and decoded in its batch."""
         model = self.loaded_model()
         if source.uri is not None:
             data = self._read_uri(source.uri, index)
@@ -161,6 +169,10 @@ class EncoderEngine:
             data = source.data
         else:
             raise InvalidArgument(f"images[{index}] has neither data nor uri", field=f"images[{index}]")
+        if self.tensor_preprocess is not None:
+            jpeg = inspect_jpeg(data, max_bytes=self.config.max_image_bytes, max_pixels=self.config.max_image_pixels)
+            if jpeg is not None:
+                return jpeg  # decoded on the device, in the batch
         image = decode_image(
             data,
             max_bytes=self.config.max_image_bytes,
@@ -191,5 +203,27 @@ class EncoderEngine:
                 good_rows.append(i)
         vectors = np.zeros((len(sources), model.dim), dtype=np.float32)
         if good_pixels:
-            vectors[good_rows] = await self.image_batcher.submit(good_pixels)
+            for row, outcome in zip(good_rows, await self.image_batcher.submit_each(good_pixels)):
+                if isinstance(outcome, ClipsearchError):
+                    errors[row] = outcome
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    vectors[row] = outcome
         return ImageEmbeddings(vectors, errors)
+
+    def _encode_image_batch(self, items: list[torch.Tensor | EncodedJpeg]) -> list[np.ndarray | ClipsearchError]:
+        """One model call for a batch of preprocessed tensors and device-decoded JPEGs (model thread)."""
+        model = self.loaded_model()
+        outcomes: list = list(items)
+        jpegs = [i for i, item in enumerate(items) if isinstance(item, EncodedJpeg)]
+        if jpegs:
+            decoded = decode_jpegs([items[i] for i in jpegs], model.device, self.tensor_preprocess)
+            for position, pixels in zip(jpegs, decoded):
+                outcomes[position] = pixels
+        good = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, torch.Tensor)]
+        if good:
+            vectors = model.encode_pixels(torch.stack([outcomes[i].to(model.device) for i in good]))
+            for position, vector in zip(good, vectors):
+                outcomes[position] = vector
+        return outcomes
