@@ -94,5 +94,5 @@ def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
 def test_download_failure_names_the_offline_options(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="Offline options") as info:
-        load_model("RN50", "openai", cache_dir=str(tmp_path))
+        load_model("ViT-B-32", "laion2b_s34b_b79k", cache_dir=str(tmp_path))
     assert "--pretrained none" in str(info.value)
