@@ -77,15 +77,20 @@ def display_url(url: str) -> str:
     return url.removeprefix("file://") if url.startswith("file://") else url
 
 
-def print_results(results: SearchResults, title: str = "") -> None:
+def print_results(results: SearchResults, title: str = "", label: tuple[str, Any] | None = None) -> None:
+    """A table: rank, score, id, url/path; ``label`` = (header, hit -> text) adds a column before the url."""
     if title:
         print(f"\n{title}")
     if not results.hits:
         print("  (no results)")
         return
-    print(f"  {'rank':>4}  {'score':>7}  {'id':<64}  url/path")
+    header, describe = label or ("", None)
+    width = max([len(header)] + [len(describe(h)) for h in results.hits]) if describe else 0
+    extra = f"  {header:<{width}}" if describe else ""
+    print(f"  {'rank':>4}  {'score':>7}  {'id':<64}{extra}  url/path")
     for rank, hit in enumerate(results.hits, 1):
-        print(f"  {rank:>4}  {hit.score:>7.4f}  {hit.id:<64}  {display_url(hit.url)}")
+        extra = f"  {describe(hit):<{width}}" if describe else ""
+        print(f"  {rank:>4}  {hit.score:>7.4f}  {hit.id:<64}{extra}  {display_url(hit.url)}")
     if results.partial:
         print(f"  (partial: shards {', '.join(results.missing_shards)} did not answer)")
     if results.next_page_token:
@@ -327,6 +332,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def demo_labels(folder: Path) -> dict[str, str]:
+    """file name -> what the synthetic image shows ("small red circle, left + blue star, right")."""
+    labels = {}
+    for line in (folder / "labels.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        labels[entry["file_name"]] = " + ".join(
+            f"{o['size']} {o['colour']} {o['shape']}, {o['position']}" for o in entry["objects"])
+    return labels
+
+
 def cmd_demo(args) -> int:
     """Local stack on the demo model, sample images, import, three queries, shut down."""
     from clipsearch import synthetic
@@ -347,8 +362,10 @@ def cmd_demo(args) -> int:
         with Client(stack.gateway_address) as client:
             counts = import_folder(client, samples, batch_size=32)
             print("  ".join(f"{k}={v}" for k, v in counts.items()))
+            shows = demo_labels(samples)
             for query in DEMO_QUERIES:
-                print_results(client.search(query, top_k=5), f"top 5 for {query!r}")
+                print_results(client.search(query, top_k=5), f"top 5 for {query!r}",
+                              label=("what the image shows", lambda hit: shows.get(hit.metadata.get("filename"), "?")))
     finally:
         print("\nshutting down ...", flush=True)
         stack.stop()
