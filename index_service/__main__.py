@@ -42,7 +42,7 @@ async def serve(settings: IndexSettings) -> None:
         [Registration(
             index_service_pb2.DESCRIPTOR.services_by_name["IndexService"],
             index_service_pb2_grpc.add_IndexServiceServicer_to_server,
-            IndexServicer(engine),
+            IndexServicer(engine, settings.inline_search_max_ms),
         )],
         name="index",
     )

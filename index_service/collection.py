@@ -43,6 +43,10 @@ MANIFEST = "manifest.json"
 SEARCH_THREADS = 1
 
 
+class WouldBlock(Exception):
+    """A call made with ``wait=False`` would have had to wait for a lock."""
+
+
 class ReadWriteLock:
     """Many readers or one writer; a waiting writer holds back new readers."""
 
@@ -53,9 +57,13 @@ class ReadWriteLock:
         self._writers_waiting = 0
 
     @contextmanager
-    def read(self) -> Iterator[None]:
+    def read(self, wait: bool = True) -> Iterator[None]:
+        """Holds the lock for reading; with ``wait=False`` raises ``WouldBlock`` instead of
+        waiting for a writer."""
         with self._cond:
             while self._writer or self._writers_waiting:
+                if not wait:
+                    raise WouldBlock("a write is being applied")
                 self._cond.wait()
             self._readers += 1
         try:
@@ -248,10 +256,13 @@ class Collection:
         conditions: Sequence[Condition],
         nprobe: int,
         ef_search: int,
-        pool: Executor,
+        pool: Executor | None,
+        wait: bool = True,
     ) -> list[list[tuple[str, int, float]]]:
-        """Top-k per query as lists of (id, internal id, score), best first."""
-        with self.rw.read():
+        """Top-k per query as lists of (id, internal id, score), best first. Shards are
+        searched in parallel on ``pool`` (one after the other in this thread when None).
+        ``wait=False`` raises ``WouldBlock`` rather than wait for a write being applied."""
+        with self.rw.read(wait):
             selections, bitmap = self._selections(conditions)
 
             def search_shard(shard_no: int) -> tuple[np.ndarray, np.ndarray]:
@@ -259,8 +270,8 @@ class Collection:
                 shard = self.shards[shard_no]
                 return shard.search(queries, k, selections[shard_no], nprobe, ef_search)
 
-            if self.num_shards == 1:
-                results = [search_shard(0)]
+            if self.num_shards == 1 or pool is None:
+                results = [search_shard(shard_no) for shard_no in range(self.num_shards)]
             else:
                 results = list(pool.map(search_shard, range(self.num_shards)))
             del bitmap  # the selector used it until here
@@ -271,6 +282,10 @@ class Collection:
                 for row_labels, row_scores in zip(labels.tolist(), scores.tolist())
             ]
         return hits
+
+    def estimated_search_seconds(self, n_queries: int, k: int, nprobe: int, ef_search: int) -> float:
+        """Rough single-thread time of an unfiltered search over every shard (see ``Shard``)."""
+        return sum(shard.estimated_search_seconds(n_queries, k, nprobe, ef_search) for shard in self.shards)
 
     def _selections(self, conditions: Sequence[Condition]) -> tuple[list[ShardSelection | None], np.ndarray | None]:
         """Per shard, the ids a search may return (None: everything in its index), and the

@@ -48,7 +48,7 @@ from clipsearch.errors import (
     Unavailable,
 )
 from index_service.backup import S3Backup
-from index_service.collection import MANIFEST, Collection
+from index_service.collection import MANIFEST, Collection, WouldBlock
 from index_service.filters import FilterSpec, parse_filter
 from index_service.metrics import BUILD_SECONDS, SEARCH_SECONDS, SNAPSHOT_AGE_SECONDS, VECTORS
 from index_service.shards import IndexSpec
@@ -389,6 +389,7 @@ class IndexEngine:
         ef_search: int = 0,
         include_metadata: bool = False,
         include_vectors: bool = False,
+        wait: bool = True,
     ) -> list[list[Hit]]:
         """Top-k hits per query (best first) among the vectors matching ``filter``.
 
@@ -396,6 +397,10 @@ class IndexEngine:
         (equals), ``{"size": ["s", "m"]}`` (in-set), ``{"year": {"gte": 2020}}``
         (range on numbers or datetimes); conditions are ANDed. ``nprobe`` (IVF)
         and ``ef_search`` (HNSW) of 0 use the defaults.
+
+        ``wait=False`` is for callers that must not block (an event loop): the
+        shards are searched in the calling thread, and ``WouldBlock`` is raised
+        instead of waiting while a write is being applied.
         """
         col = self._collection(collection)
         if not 1 <= k <= MAX_K:
@@ -410,8 +415,8 @@ class IndexEngine:
             )
         conditions = parse_filter(filter)
         started = time.perf_counter()
-        found = col.search(queries, k, conditions, nprobe, ef_search, self._pool)
-        SEARCH_SECONDS.labels(col.spec.index_type).observe(time.perf_counter() - started)
+        found = col.search(queries, k, conditions, nprobe, ef_search, self._pool if wait else None, wait)
+        _search_seconds(col.spec.index_type).observe(time.perf_counter() - started)
         if not (include_metadata or include_vectors):
             return [[Hit(record_id, score) for record_id, _, score in row] for row in found]
         wanted = {internal_id for row in found for _, internal_id, _ in row}
@@ -430,6 +435,12 @@ class IndexEngine:
             ]
             for row in found
         ]
+
+    def estimated_search_seconds(self, collection: str, n_queries: int, k: int = 10, nprobe: int = 0,
+                                 ef_search: int = 0) -> float:
+        """A rough single-thread time of an unfiltered search (a cost model, not a measurement;
+        right within a factor of ~2), so callers can tell cheap searches from expensive ones."""
+        return self._collection(collection).estimated_search_seconds(n_queries, k, nprobe, ef_search)
 
     def fetch(
         self, collection: str, ids: Sequence[str], include_vectors: bool = False
@@ -600,6 +611,17 @@ class IndexEngine:
                     log.exception("periodic snapshot of %s failed", name)
 
 
+_SEARCH_TIMERS: dict[str, Any] = {}
+
+
+def _search_seconds(index_type: str):
+    """The search-time histogram child of an index type (``labels()`` locks and hashes on every call)."""
+    timer = _SEARCH_TIMERS.get(index_type)
+    if timer is None:
+        timer = _SEARCH_TIMERS[index_type] = SEARCH_SECONDS.labels(index_type)
+    return timer
+
+
 # -- validation helpers ----------------------------------------------------------
 
 
@@ -684,4 +706,4 @@ def _remove_metric(metric, *labels: str) -> None:
         pass
 
 
-__all__ = ["IndexEngine", "CollectionInfo", "WriteResult", "Hit", "Record", "MAX_K", "MAX_ID_LENGTH"]
+__all__ = ["IndexEngine", "CollectionInfo", "WriteResult", "Hit", "Record", "WouldBlock", "MAX_K", "MAX_ID_LENGTH"]

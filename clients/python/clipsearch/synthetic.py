@@ -7,9 +7,13 @@ Pillow and NumPy.
 Every image holds one or two objects. An object is a shape in a colour, with a
 size and a position::
 
-    >>> samples = generate(3, seed=7)
-    >>> samples[0].caption, samples[0].objects
-    ('...', [ObjectSpec(shape='star', colour='red', size='small', position='left')])
+    >>> sample = generate(3, seed=7)[0]
+    >>> sample.caption
+    'a picture of a purple triangle in the centre'
+    >>> sample.objects
+    [ObjectSpec(shape='triangle', colour='purple', size='large', position='center')]
+    >>> sample.mentions  # the caption leaves out the size
+    [ObjectSpec(shape='triangle', colour='purple', size=None, position='center')]
 
 Captions come from templates with paraphrases ("a small red circle", "a red
 round shape on the left", "a yellow star and a blue square", ...). A caption
@@ -19,6 +23,10 @@ leaves out.
 
 Everything is deterministic by seed, and sample ``i`` of a seed does not depend
 on ``n``: ``generate(10, seed)[:5] == generate(5, seed)``.
+
+``generate_including(n, seed, required=[("circle", "red")])`` guarantees that
+some images hold given objects (for end-to-end tests: upload them, search "a
+red circle", check the top 5 with ``Sample.has``).
 
 ``write_dataset(folder, n, seed)`` writes the images plus the two evaluation
 formats read by ``python -m clipsearch.eval`` (see that module).
@@ -54,7 +62,7 @@ POSITIONS = ("left", "right", "top", "bottom", "center")
 POSITION_CENTRES = {
     "left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5),
 }
-SIZE_RADII = {"small": (0.09, 0.12), "large": (0.18, 0.23)}
+SIZE_RADII = {"small": (0.10, 0.13), "large": (0.19, 0.24)}
 # Two objects sit on opposite sides so that their position words stay true.
 POSITION_PAIRS = (("left", "right"), ("top", "bottom"))
 
@@ -260,6 +268,31 @@ def generate_one(seed: int, index: int, size: int = 64, two_object_fraction: flo
 def generate(n: int, seed: int, size: int = 64, two_object_fraction: float = 0.3) -> list[Sample]:
     """``n`` labelled images of ``size`` x ``size`` pixels, deterministic by ``seed``."""
     return [generate_one(seed, index, size, two_object_fraction) for index in range(n)]
+
+
+def generate_including(n: int, seed: int, required: Sequence[tuple[str, str]] = (("circle", "red"),),
+                       copies: int = 3, size: int = 64) -> list[Sample]:
+    """``n`` labelled images in which each required (shape, colour) appears in at least ``copies`` images.
+
+    For end-to-end tests: ``generate_including(40, 5, [("circle", "red")])`` holds three single-object
+    images of a red circle (random size, position and background) among random ones, in a seeded order.
+    """
+    for shape, colour in required:
+        if shape not in SHAPES or colour not in COLOURS:
+            raise ValueError(f"unknown shape/colour {(shape, colour)}; shapes {SHAPES}, colours {tuple(COLOURS)}")
+    forced = len(required) * copies
+    if forced > n:
+        raise ValueError(f"n={n} is too small for {len(required)} required objects x {copies} copies")
+    samples = generate(n - forced, seed, size)
+    for number in range(forced):
+        shape, colour = required[number // copies]
+        rng = sample_rng(seed, -1 - number)
+        objects = [ObjectSpec(shape, colour, rng.choice(SIZES), rng.choice(POSITIONS))]
+        background = rng.choice(BACKGROUND_KINDS)
+        caption, mentions = describe(objects, rng)
+        samples.append(Sample(render(objects, size, rng, background), caption, objects, mentions, background))
+    random.Random(f"clipsearch-synthetic-order:{seed}").shuffle(samples)
+    return samples
 
 
 def shape_colour_queries(samples: Sequence[Sample]) -> list[tuple[str, list[int]]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 
 import grpc
 from google.protobuf import any_pb2
@@ -57,7 +57,7 @@ def _tolerant(deserializer):
 
 def status_for_error(error: ClipsearchError) -> grpc.Status:
     """A rich gRPC status (google.rpc details) for an engine error."""
-    code = grpc.StatusCode[error.code]
+    grpc.StatusCode[error.code]
     details = []
     if error.field:
         bad_request = error_details_pb2.BadRequest(
@@ -75,19 +75,63 @@ def status_for_error(error: ClipsearchError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+class _MethodMetrics:
+    """The metric children of one method, looked up once (``labels()`` takes a lock and hashes
+    the label values on every call)."""
+
+    def __init__(self, service: str, method: str):
+        self.service, self.method = service, method
+        self.started = STARTED.labels("unary", service, method)
+        self.seconds = HANDLING_SECONDS.labels("unary", service, method)
+        self._handled: dict[grpc.StatusCode, object] = {}
+
+    def handled(self, code: grpc.StatusCode):
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = HANDLED.labels("unary", self.service, self.method, code.name)
+        return child
+
+
+def _request_id(metadata) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and value:
+            return value
+    return os.urandom(8).hex()
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Metrics, request ids and error mapping around every unary method.
+
+    It runs on every call, so the wrapped handler of each method is built once
+    and reused while the handler underneath stays the same object (the generated
+    servicer's handlers do; a handler made per call, such as an auth refusal, is
+    wrapped per call).
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        _, service, method = handler_call_details.method.split("/")
+        full_method = handler_call_details.method
+        cached = self._wrapped.get(full_method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, full_method)
+        self._wrapped[full_method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
+        _, service, method = full_method.split("/")
         behavior = handler.unary_unary
+        metrics = _MethodMetrics(service, method)
 
         async def observed(request, context: grpc.aio.ServicerContext):
-            STARTED.labels("unary", service, method).inc()
-            metadata = dict(context.invocation_metadata() or ())
-            request_id = metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
-            token = REQUEST_ID.set(request_id)
+            metrics.started.inc()
+            token = REQUEST_ID.set(_request_id(context.invocation_metadata()))
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -114,8 +158,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("%s/%s failed", service, method)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
             finally:
-                HANDLED.labels("unary", service, method, code.name).inc()
-                HANDLING_SECONDS.labels("unary", service, method).observe(time.perf_counter() - started)
+                metrics.handled(code).inc()
+                metrics.seconds.observe(time.perf_counter() - started)
                 REQUEST_ID.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(
