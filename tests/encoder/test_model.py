@@ -92,7 +92,10 @@ def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
 
 
 def test_download_failure_names_the_offline_options(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(ModelLoadError, match="Offline options") as info:
         load_model("ViT-B-32", "laion2b_s34b_b79k", cache_dir=str(tmp_path))
     assert "--pretrained none" in str(info.value)
