@@ -49,22 +49,28 @@ def image_bytes(seed: int, size: int) -> bytes:
     return buffer.getvalue()
 
 
-def start_stack(workdir: Path, model: str, pretrained: str, shards: int):
+def start_stack(workdir: Path, model: str, pretrained: str, shards: int, *, collection: str = COLLECTION,
+                index_data_dirs: list[Path] | None = None, index_args: tuple[str, ...] = (),
+                ready_timeout: float = 300):
+    """Encoder, ``shards`` index shards (on ``index_data_dirs`` when given, else fresh
+    folders) and a gateway whose default collection is ``collection``; returns
+    (encoder, shards, gateway, every process)."""
     from clipsearch.stack import ServiceProcess
 
     quiet = ["--log-level", "WARNING", "--drain-delay-seconds", "0"]
+    data_dirs = index_data_dirs or [workdir / f"index-{i}" for i in range(shards)]
     encoder = ServiceProcess("encoder_service", ["--model", model, "--pretrained", pretrained, *quiet], workdir,
                              name="bench-encoder").spawn()
-    index = [ServiceProcess("index_service", ["--data-dir", str(workdir / f"index-{i}"), *quiet], workdir,
-                            name=f"bench-index-{i}").spawn() for i in range(shards)]
+    index = [ServiceProcess("index_service", ["--data-dir", str(data_dir), *quiet, *index_args], workdir,
+                            name=f"bench-index-{i}").spawn() for i, data_dir in enumerate(data_dirs)]
     children = [encoder, *index]
     try:
         for child in children:
-            child.wait_ready(300)
+            child.wait_ready(ready_timeout)
         gateway = ServiceProcess("gateway", [
             "--encoder", encoder.address, "--index", ",".join(s.address for s in index),
             "--storage", str(workdir / "images"), "--data-dir", str(workdir / "gateway"),
-            "--default-collection", COLLECTION, "--page-token-secret", "bench", *quiet,
+            "--default-collection", collection, "--page-token-secret", "bench", *quiet,
         ], workdir, name="bench-gateway").start(120)
         children.append(gateway)
     except BaseException:
@@ -72,6 +78,38 @@ def start_stack(workdir: Path, model: str, pretrained: str, shards: int):
             child.kill()
         raise
     return encoder, index, gateway, children
+
+
+def measure_upload(gw, enc, encoder_batches: list[list[bytes]], gateway_batches: list[list[bytes]],
+                   warm_batch: list[bytes], collection: str = "") -> tuple[float, float]:
+    """(encoder EmbedImages images/s, gateway UploadImages images/s): batch by batch,
+    interleaved and alternating which goes first, so drift on a shared machine (and
+    work left behind by the previous call) hits both alike. One untimed batch each
+    first, so neither side pays for warm-up. Every upload must be new (created)."""
+    def encoder_batch(datas: list[bytes]) -> float:
+        started = time.perf_counter()
+        enc.EmbedImages(epb.EmbedImagesRequest(images=[epb.ImageInput(data=d) for d in datas]), timeout=600)
+        return time.perf_counter() - started
+
+    def gateway_batch(datas: list[bytes]) -> float:
+        started = time.perf_counter()
+        response = gw.UploadImages(gpb.UploadImagesRequest(
+            collection=collection, items=[gpb.UploadItem(data=d) for d in datas]), timeout=600)
+        elapsed = time.perf_counter() - started
+        assert all(r.status.code == 0 and r.created for r in response.results), response.results
+        return elapsed
+
+    encoder_batch(warm_batch)
+    gateway_batch(warm_batch)
+    encoder_seconds = gateway_seconds = 0.0
+    for b, (to_encoder, to_gateway) in enumerate(zip(encoder_batches, gateway_batches)):
+        if b % 2:
+            gateway_seconds += gateway_batch(to_gateway)
+            encoder_seconds += encoder_batch(to_encoder)
+        else:
+            encoder_seconds += encoder_batch(to_encoder)
+            gateway_seconds += gateway_batch(to_gateway)
+    return (sum(map(len, encoder_batches)) / encoder_seconds, sum(map(len, gateway_batches)) / gateway_seconds)
 
 
 def measure(fn, texts: list[str]) -> dict[str, float]:
@@ -145,36 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                               for b in range(uploads // batch)]
             encoder_batches = [[image_bytes(200_000 + b * batch + i, size) for i in range(batch)]
                                for b in range(uploads // batch)]
-            # One untimed batch each first, so neither side pays for warm-up.
             warm_batch = [image_bytes(300_000 + i, size) for i in range(batch)]
-            enc.EmbedImages(epb.EmbedImagesRequest(images=[epb.ImageInput(data=d) for d in warm_batch]), timeout=300)
-            gw.UploadImages(gpb.UploadImagesRequest(items=[gpb.UploadItem(data=d) for d in warm_batch]), timeout=300)
-            # Interleaved batch by batch, alternating which goes first, so drift on a shared
-            # machine (and work left behind by the previous call) hits both alike.
-            encoder_seconds = gateway_seconds = 0.0
-
-            def encoder_batch(datas: list[bytes]) -> float:
-                started = time.perf_counter()
-                enc.EmbedImages(epb.EmbedImagesRequest(images=[epb.ImageInput(data=d) for d in datas]), timeout=300)
-                return time.perf_counter() - started
-
-            def gateway_batch(datas: list[bytes]) -> float:
-                started = time.perf_counter()
-                response = gw.UploadImages(gpb.UploadImagesRequest(items=[gpb.UploadItem(data=d) for d in datas]),
-                                           timeout=300)
-                elapsed = time.perf_counter() - started
-                assert all(r.status.code == 0 and r.created for r in response.results)
-                return elapsed
-
-            for b, (to_encoder, to_gateway) in enumerate(zip(encoder_batches, upload_batches)):
-                if b % 2:
-                    gateway_seconds += gateway_batch(to_gateway)
-                    encoder_seconds += encoder_batch(to_encoder)
-                else:
-                    encoder_seconds += encoder_batch(to_encoder)
-                    gateway_seconds += gateway_batch(to_gateway)
-            encoder_rate = uploads / encoder_seconds
-            gateway_rate = uploads / gateway_seconds
+            encoder_rate, gateway_rate = measure_upload(gw, enc, encoder_batches, upload_batches, warm_batch)
             for channel in channels:
                 channel.close()
         finally:

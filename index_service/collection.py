@@ -306,13 +306,16 @@ class Collection:
 
     def _merge(self, results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores (higher is better; -squared distance for L2) and labels of the best k over shards."""
+        if len(results) == 1:  # FAISS already sorted them
+            scores, labels = results[0]
+            scores = -scores if self.spec.metric == "l2" else scores.astype(np.float32, copy=False)
+            scores[labels < 0] = -np.inf
+            return scores, labels
         scores = np.concatenate([distances for distances, _ in results], axis=1).astype(np.float32)
         labels = np.concatenate([labels for _, labels in results], axis=1)
         if self.spec.metric == "l2":
             scores = -scores
         scores[labels < 0] = -np.inf
-        if len(results) == 1:
-            return scores, labels  # FAISS already sorted them
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(labels, order, axis=1)
 

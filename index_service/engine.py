@@ -673,8 +673,8 @@ def _check_matrix(matrix: Any, dim: int, field: str, rows: int | None = None) ->
         raise InvalidArgument(f"{field} has {len(array)} rows for {rows} ids", field=f"{field}.rows")
     if not len(array):
         raise InvalidArgument(f"{field} has no rows", field=f"{field}.rows")
-    finite = np.isfinite(array).all(axis=1)
-    if not finite.all():
+    if not np.isfinite(array).all():
+        finite = np.isfinite(array).all(axis=1)
         row = int(np.flatnonzero(~finite)[0])
         raise InvalidArgument(f"{field} row {row} contains NaN or Inf", field=f"{field}[{row}]")
     return np.ascontiguousarray(array)
