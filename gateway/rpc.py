@@ -34,6 +34,9 @@ def make_channel(address: str, settings: GatewaySettings) -> grpc.aio.Channel:
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.enable_retries", 0),  # retries are ours, so they respect our deadlines
+        # Spread calls over every address the name resolves to (all encoder pods behind a
+        # headless Service); an index shard's name resolves to its one pod.
+        ("grpc.lb_policy_name", "round_robin"),
     ]
     credentials = channel_credentials(settings)
     if credentials is None:
