@@ -58,6 +58,8 @@ class SlowServicer(encoder_service_pb2_grpc.EncoderServiceServicer):
         self.release = asyncio.Event()
 
     async def EmbedTexts(self, request, context):
+        if request.texts and request.texts[0] == "peer":
+            return pb.EmbedTextsResponse(model_fingerprint=context.peer())
         if request.texts and request.texts[0] == "slow":
             await self.release.wait()
             return pb.EmbedTextsResponse(model_fingerprint="done")
@@ -127,3 +129,29 @@ def test_a_top_level_setting_named_like_a_section_is_still_a_setting(tmp_path):
     config.write_text("encoder: enc:50051\nindex:\n  port: 9\ngateway:\n  port: 7\n")
     settings = load_settings(GatewayLike, section="gateway", argv=["--config", str(config)], environ={})
     assert (settings.encoder, settings.port) == ("enc:50051", 7)
+
+
+async def _peers_over_time(seconds: float) -> list[str]:
+    settings = ServerSettings(port=0, max_connection_age_seconds=0.3, grace_seconds=1)
+    service = GrpcService(settings, [Registration(
+        pb.DESCRIPTOR.services_by_name["EncoderService"],
+        encoder_service_pb2_grpc.add_EncoderServiceServicer_to_server,
+        SlowServicer())], name="aging")
+    await service.start()
+    peers = []
+    try:
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            stub = encoder_service_pb2_grpc.EncoderServiceStub(channel)
+            deadline = asyncio.get_running_loop().time() + seconds
+            while asyncio.get_running_loop().time() < deadline:
+                peers.append((await stub.EmbedTexts(pb.EmbedTextsRequest(texts=["peer"]))).model_fingerprint)
+                await asyncio.sleep(0.05)
+    finally:
+        await service.stop(grace=0)
+    return peers
+
+
+def test_connections_are_recycled_after_max_age_without_failing_calls():
+    peers = asyncio.run(_peers_over_time(1.5))
+    assert len(peers) > 10, "every call succeeded across connection recycling"
+    assert len(set(peers)) >= 2, f"the client reconnected (new peer ports): {sorted(set(peers))}"

@@ -68,13 +68,19 @@ class GrpcService:
     def _build_server(self) -> grpc.aio.Server:
         """Builds the server; must run inside the event loop that will serve it."""
         max_bytes = self.settings.max_message_mb * 1024 * 1024
+        options = [
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        if self.settings.max_connection_age_seconds > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(self.settings.max_connection_age_seconds * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(self.settings.grace_seconds * 1000)),
+            ]
         server = grpc.aio.server(
             interceptors=[ServerInterceptor(), *self.extra_interceptors],
-            options=[
-                ("grpc.max_receive_message_length", max_bytes),
-                ("grpc.max_send_message_length", max_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=options,
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
         for registration in self.registrations:

@@ -39,6 +39,11 @@ class ServerSettings:
     max_concurrent_rpcs: int = dataclasses.field(
         default=256, metadata={"help": "calls in flight beyond this get RESOURCE_EXHAUSTED"}
     )
+    max_connection_age_seconds: float = dataclasses.field(
+        default=300.0,
+        metadata={"help": "close client connections after this long (they reconnect and re-resolve DNS, "
+                          "so new replicas get traffic); 0 = never"},
+    )
     grace_seconds: float = dataclasses.field(
         default=10.0, metadata={"help": "on SIGTERM, time allowed for in-flight calls to finish"}
     )
