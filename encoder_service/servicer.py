@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from google.rpc import code_pb2
-
-from clipsearch.common.v1 import common_pb2
 from clipsearch.encoder.v1 import encoder_service_pb2 as pb
 from clipsearch.encoder.v1 import encoder_service_pb2_grpc
+from clipsearch.item_status import item_status
 from clipsearch.vectors import pack_matrix
 from encoder_service.engine import EncoderEngine, ImageSource
-
-
-def item_status(error) -> common_pb2.ItemStatus:
-    if error is None:
-        return common_pb2.ItemStatus(code=code_pb2.OK)
-    return common_pb2.ItemStatus(code=getattr(code_pb2, error.code), message=error.message)
 
 
 class EncoderServicer(encoder_service_pb2_grpc.EncoderServiceServicer):

@@ -24,6 +24,7 @@ from clipsearch.errors import (
 )
 from clipsearch.gateway.v1 import gateway_service_pb2 as gpb
 from clipsearch.index.v1 import index_service_pb2 as ipb
+from clipsearch.item_status import error_from_status, item_status
 from clipsearch.vectors import unpack_vector
 
 from gateway import metrics
@@ -55,16 +56,6 @@ META_FILENAME = "filename"
 META_CONTENT_TYPE = "content_type"
 META_SIZE = "size_bytes"
 META_SOURCE = "source"
-
-
-def rpc_code(error: ClipsearchError) -> int:
-    return int(getattr(code_pb2, error.code, code_pb2.UNKNOWN))
-
-
-def item_status(error: ClipsearchError | None) -> common_pb2.ItemStatus:
-    if error is None:
-        return common_pb2.ItemStatus(code=code_pb2.OK)
-    return common_pb2.ItemStatus(code=rpc_code(error), message=error.message)
 
 
 @dataclass
@@ -581,7 +572,7 @@ class Gateway:
                     error = InvalidArgument(f"{field}[{first[image_id]}].data could not be read as an image: "
                                             f"{embedded.messages[row]}", field=f"{field}[{first[image_id]}].data")
                     if embedded.codes[row] != code_pb2.INVALID_ARGUMENT:
-                        error = _error_for_rpc_code(embedded.codes[row], embedded.messages[row])
+                        error = error_from_status(embedded.codes[row], embedded.messages[row])
                     results[first[image_id]].error = error
                 else:
                     good.append(row)
@@ -696,13 +687,6 @@ def _feedback_weight(value: float, default: float, field: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise InvalidArgument(f"{field} must be a finite number >= 0", field=field)
     return value or default
-
-
-def _error_for_rpc_code(code: int, message: str) -> ClipsearchError:
-    from clipsearch.errors import error_for_code
-
-    name = code_pb2.Code.Name(code) if code in code_pb2.Code.values() else "UNKNOWN"
-    return error_for_code(name, message)
 
 
 async def _gather(*aws) -> list:

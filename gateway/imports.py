@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
 from google.protobuf import json_format, timestamp_pb2
-from google.rpc import code_pb2
 
 from clipsearch.common.v1 import common_pb2
 from clipsearch.errors import (
     ClipsearchError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable,
 )
 from clipsearch.gateway.v1 import gateway_service_pb2 as gpb
+from clipsearch.item_status import item_status
 from clipsearch.s3 import is_missing_error, make_s3_client, parse_s3_uri
 
 from gateway import metrics
@@ -365,8 +365,7 @@ class ImportManager:
     @staticmethod
     def _record_error(job: Job, key: str, error: ClipsearchError) -> None:
         if len(job.proto.errors) < MAX_REPORTED_ERRORS:
-            code = int(getattr(code_pb2, error.code, code_pb2.UNKNOWN))
-            job.proto.errors.add(source_key=key, status=common_pb2.ItemStatus(code=code, message=error.message))
+            job.proto.errors.add(source_key=key, status=item_status(error))
 
     async def _throttle(self, done: int, started: float) -> None:
         rate = self.settings.import_max_images_per_second

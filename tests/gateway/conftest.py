@@ -134,3 +134,11 @@ def start_gateway(workdir: Path, encoder: ServiceProcess, shards: list[ServicePr
 
 def read_port_file(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    """A ``Client`` of the module's ``gateway`` fixture."""
+    c = Client(gateway.address)
+    yield c
+    c.close()

@@ -29,13 +29,6 @@ def gateway(workdir, encoder_service, index_shards):
     proc.terminate()
 
 
-@pytest.fixture(scope="module")
-def client(gateway):
-    c = Client(gateway.address)
-    yield c
-    c.close()
-
-
 def test_local_upload_search_url_and_delete(client, workdir):
     datas = [noise_image(300 + i) for i in range(6)]
     results = client.upload(datas)

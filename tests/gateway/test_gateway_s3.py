@@ -21,7 +21,7 @@ from clipsearch.metadata import filter_to_proto, metadata_from_proto, metadata_t
 from clipsearch.vectors import pack_vector, unpack_matrix, unpack_vector
 from gateway.shards import shard_for_id
 from tests.gateway.conftest import (
-    Client, http_get, index_stub, near_duplicate, noise_image, sha, start_gateway,
+    http_get, index_stub, near_duplicate, noise_image, sha, start_gateway,
 )
 
 COLLECTION = "s3imgs"
@@ -47,13 +47,6 @@ def gateway(tmp_path_factory, encoder_service, index_shards, s3_endpoint, bucket
     )
     yield proc
     proc.terminate()
-
-
-@pytest.fixture(scope="module")
-def client(gateway):
-    c = Client(gateway.address)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

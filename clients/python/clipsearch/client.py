@@ -28,6 +28,7 @@ from clipsearch.errors import ClipsearchError, error_for_code
 from clipsearch.gateway.v1 import gateway_service_pb2 as pb
 from clipsearch.gateway.v1 import gateway_service_pb2_grpc
 from clipsearch.index.v1 import index_service_pb2
+from clipsearch.item_status import OK, code_name
 from clipsearch.metadata import MetadataScalar, filter_to_proto, metadata_from_proto, metadata_to_proto
 from clipsearch.vectors import pack_vector
 
@@ -197,14 +198,12 @@ def _parse_image(image) -> Image:
 
 
 def _parse_upload(response) -> list[UploadResult]:
-    from google.rpc import code_pb2
-
     results = []
     for item in response.results:
-        if item.status.code == code_pb2.OK:
+        if item.status.code == OK:
             results.append(UploadResult(item.id, item.created))
         else:
-            results.append(UploadResult(item.id, False, code_pb2.Code.Name(item.status.code), item.status.message))
+            results.append(UploadResult(item.id, False, code_name(item.status.code), item.status.message))
     return results
 
 
