@@ -2,6 +2,7 @@ import datetime
 
 from clipsearch.common.v1 import common_pb2 as _common_pb2
 from clipsearch.index.v1 import index_service_pb2 as _index_service_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -24,6 +25,13 @@ class ImportState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMPORT_STATE_RUNNING: _ClassVar[ImportState]
     IMPORT_STATE_SUCCEEDED: _ClassVar[ImportState]
     IMPORT_STATE_FAILED: _ClassVar[ImportState]
+
+class RepairState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPAIR_STATE_UNSPECIFIED: _ClassVar[RepairState]
+    REPAIR_STATE_RUNNING: _ClassVar[RepairState]
+    REPAIR_STATE_SUCCEEDED: _ClassVar[RepairState]
+    REPAIR_STATE_FAILED: _ClassVar[RepairState]
 AGGREGATION_UNSPECIFIED: Aggregation
 AGGREGATION_MEAN: Aggregation
 AGGREGATION_MAX: Aggregation
@@ -31,6 +39,10 @@ IMPORT_STATE_UNSPECIFIED: ImportState
 IMPORT_STATE_RUNNING: ImportState
 IMPORT_STATE_SUCCEEDED: ImportState
 IMPORT_STATE_FAILED: ImportState
+REPAIR_STATE_UNSPECIFIED: RepairState
+REPAIR_STATE_RUNNING: RepairState
+REPAIR_STATE_SUCCEEDED: RepairState
+REPAIR_STATE_FAILED: RepairState
 
 class QueryPart(_message.Message):
     __slots__ = ("text", "image_data", "image_id", "vector", "weight")
@@ -59,7 +71,7 @@ class Feedback(_message.Message):
     def __init__(self, positive_ids: _Optional[_Iterable[str]] = ..., negative_ids: _Optional[_Iterable[str]] = ..., positive_weight: _Optional[float] = ..., negative_weight: _Optional[float] = ...) -> None: ...
 
 class SearchImagesRequest(_message.Message):
-    __slots__ = ("collection", "parts", "aggregation", "feedback", "top_k", "min_score", "filter", "diversity", "page_size", "page_token", "params")
+    __slots__ = ("collection", "parts", "aggregation", "feedback", "top_k", "min_score", "filter", "diversity", "page_size", "page_token", "params", "read_mask")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +83,7 @@ class SearchImagesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    READ_MASK_FIELD_NUMBER: _ClassVar[int]
     collection: str
     parts: _containers.RepeatedCompositeFieldContainer[QueryPart]
     aggregation: Aggregation
@@ -82,7 +95,8 @@ class SearchImagesRequest(_message.Message):
     page_size: int
     page_token: str
     params: _common_pb2.SearchParams
-    def __init__(self, collection: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[QueryPart, _Mapping]]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ..., top_k: _Optional[int] = ..., min_score: _Optional[float] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., diversity: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ...) -> None: ...
+    read_mask: _field_mask_pb2.FieldMask
+    def __init__(self, collection: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[QueryPart, _Mapping]]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ..., top_k: _Optional[int] = ..., min_score: _Optional[float] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., diversity: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., read_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("id", "score", "metadata", "url")
@@ -317,5 +331,65 @@ class DeleteCollectionRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class DeleteCollectionResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("pending", "waiting_for_shards")
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    pending: bool
+    waiting_for_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pending: _Optional[bool] = ..., waiting_for_shards: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RepairCollectionRequest(_message.Message):
+    __slots__ = ("collection", "dry_run")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    dry_run: bool
+    def __init__(self, collection: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class RepairCollectionResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: RepairJob
+    def __init__(self, job: _Optional[_Union[RepairJob, _Mapping]] = ...) -> None: ...
+
+class GetRepairJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetRepairJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: RepairJob
+    def __init__(self, job: _Optional[_Union[RepairJob, _Mapping]] = ...) -> None: ...
+
+class RepairJob(_message.Message):
+    __slots__ = ("job_id", "collection", "dry_run", "state", "checked", "reindexed", "dropped", "removed", "failed", "dropped_ids", "errors", "create_time", "update_time")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
+    REINDEXED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_IDS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    collection: str
+    dry_run: bool
+    state: RepairState
+    checked: int
+    reindexed: int
+    dropped: int
+    removed: int
+    failed: int
+    dropped_ids: _containers.RepeatedScalarFieldContainer[str]
+    errors: _containers.RepeatedCompositeFieldContainer[ImportError]
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., collection: _Optional[str] = ..., dry_run: _Optional[bool] = ..., state: _Optional[_Union[RepairState, str]] = ..., checked: _Optional[int] = ..., reindexed: _Optional[int] = ..., dropped: _Optional[int] = ..., removed: _Optional[int] = ..., failed: _Optional[int] = ..., dropped_ids: _Optional[_Iterable[str]] = ..., errors: _Optional[_Iterable[_Union[ImportError, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -75,6 +75,16 @@ class GatewayServiceStub:
                 request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImportJobRequest.SerializeToString,
                 response_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImportJobResponse.FromString,
                 _registered_method=True)
+        self.RepairCollection = channel.unary_unary(
+                '/clipsearch.gateway.v1.GatewayService/RepairCollection',
+                request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.RepairCollectionRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.RepairCollectionResponse.FromString,
+                _registered_method=True)
+        self.GetRepairJob = channel.unary_unary(
+                '/clipsearch.gateway.v1.GatewayService/GetRepairJob',
+                request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRepairJobRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRepairJobResponse.FromString,
+                _registered_method=True)
         self.CreateCollection = channel.unary_unary(
                 '/clipsearch.gateway.v1.GatewayService/CreateCollection',
                 request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateCollectionRequest.SerializeToString,
@@ -154,8 +164,32 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RepairCollection(self, request, context):
+        """Starts (or resumes) a repair of one collection: walks its stored objects
+        and its index entries in id order and fixes both directions. An object
+        with no index entry is re-indexed (or removed, when it is left over from
+        an unfinished DeleteImage); an index entry whose object is gone is
+        dropped and reported. Idempotent: the same collection and dry_run give
+        the same job; a job that was interrupted resumes after its cursor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRepairJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateCollection(self, request, context):
         """Collection management, passed through to every index shard.
+
+        DeleteCollection records the deletion durably before it touches a shard,
+        so it completes even when a shard is down: the response then says
+        `pending`, the collection answers FAILED_PRECONDITION (reason
+        COLLECTION_DELETING) to every other call, and the gateway finishes the
+        deletion by itself when the shard returns.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,6 +250,16 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.GetImportJob,
                     request_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImportJobRequest.FromString,
                     response_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImportJobResponse.SerializeToString,
+            ),
+            'RepairCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepairCollection,
+                    request_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.RepairCollectionRequest.FromString,
+                    response_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.RepairCollectionResponse.SerializeToString,
+            ),
+            'GetRepairJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRepairJob,
+                    request_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRepairJobRequest.FromString,
+                    response_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRepairJobResponse.SerializeToString,
             ),
             'CreateCollection': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateCollection,
@@ -433,6 +477,60 @@ class GatewayService:
             '/clipsearch.gateway.v1.GatewayService/GetImportJob',
             clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImportJobRequest.SerializeToString,
             clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImportJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepairCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.gateway.v1.GatewayService/RepairCollection',
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.RepairCollectionRequest.SerializeToString,
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.RepairCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRepairJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.gateway.v1.GatewayService/GetRepairJob',
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRepairJobRequest.SerializeToString,
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRepairJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
