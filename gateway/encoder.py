@@ -1,12 +1,12 @@
-"""Encoder client: retries on UNAVAILABLE with backoff under the caller's
-deadline, image batches split into encoder-sized calls, and an LRU cache of
-text embeddings keyed by text and tagged with the model fingerprint."""
+"""Encoder client: calls under the caller's deadline (the channel's service
+config retries UNAVAILABLE), image batches split into encoder-sized calls, and
+an LRU cache of text embeddings keyed by text and tagged with the model
+fingerprint."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,17 +16,16 @@ import grpc
 import numpy as np
 
 from clipsearch.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
-from clipsearch.errors import FailedPrecondition, Unavailable
+from clipsearch.errors import ClipsearchError, DeadlineExceeded, FailedPrecondition, Unavailable
+from clipsearch.item_status import error_from_status
 from clipsearch.vectors import unpack_matrix
 
 from gateway import metrics
-from gateway.rpc import Deadline, make_channel, translate
+from gateway.deadline import Deadline
+from gateway.rpc import make_channel, translate
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
-
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-
 
 class TextEmbeddingCache:
     """LRU cache: text -> (unit vector, model fingerprint)."""
@@ -75,8 +74,7 @@ class ModelInfo:
 @dataclass
 class ImageEmbeddings:
     vectors: np.ndarray  # (n, dim); rows of failed items are zeros
-    codes: list[int]  # google.rpc codes, 0 = OK
-    messages: list[str]
+    errors: list[ClipsearchError | None]  # one per image; None = OK
     fingerprint: str
 
 
@@ -92,33 +90,22 @@ class EncoderClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _call(self, method: str, request, deadline: Deadline, retries: int | None = None):
-        """One encoder call; UNAVAILABLE is retried with jittered exponential backoff
-        while the deadline allows (every encoder call is idempotent)."""
-        retries = self.settings.encoder_retries if retries is None else retries
-        attempt = 0
+    async def _call(self, method: str, request, deadline: Deadline, wait_for_ready: bool = False):
+        """One encoder call under the request's deadline. UNAVAILABLE is retried by the
+        channel's service config (every encoder call is idempotent)."""
         started = time.perf_counter()
         try:
-            while True:
-                timeout = deadline.timeout(self.settings.encoder_timeout_seconds)
-                try:
-                    return await getattr(self.stub, method)(request, timeout=timeout)
-                except grpc.aio.AioRpcError as error:
-                    if error.code() not in RETRYABLE or attempt >= retries:
-                        raise translate(error, f"encoder {self.address} ({method})") from None
-                    delay = self.settings.retry_backoff_seconds * (2 ** attempt) * (0.5 + random.random() / 2)
-                    left = deadline.remaining()
-                    if left is not None and left < delay + 0.01:
-                        raise translate(error, f"encoder {self.address} ({method})") from None
-                    attempt += 1
-                    metrics.ENCODER_RETRIES.inc()
-                    log.info("encoder %s %s unavailable; retry %d in %.3fs", self.address, method, attempt, delay)
-                    await asyncio.sleep(delay)
+            return await getattr(self.stub, method)(
+                request, timeout=deadline.timeout(self.settings.encoder_timeout_seconds), wait_for_ready=wait_for_ready,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise translate(error, f"encoder {self.address} ({method})") from None
         finally:
             metrics.DOWNSTREAM_SECONDS.labels("encoder", method).observe(time.perf_counter() - started)
 
-    async def model_info(self, deadline: Deadline, retries: int | None = None) -> ModelInfo:
-        response = await self._call("GetModelInfo", encoder_service_pb2.GetModelInfoRequest(), deadline, retries)
+    async def model_info(self, deadline: Deadline, wait_for_ready: bool = False) -> ModelInfo:
+        response = await self._call("GetModelInfo", encoder_service_pb2.GetModelInfoRequest(), deadline,
+                                    wait_for_ready)
         info = ModelInfo(response.model_name, int(response.dim), response.model_fingerprint,
                          int(response.max_batch_size))
         if self.info is not None and self.info.fingerprint != info.fingerprint:
@@ -128,18 +115,10 @@ class EncoderClient:
 
     async def wait_ready(self, timeout: float) -> ModelInfo:
         """Model info, waiting up to ``timeout`` seconds for the encoder to come up."""
-        deadline = Deadline.after(timeout)
-        delay = 0.2
-        while True:
-            try:
-                return await self.model_info(deadline, retries=0)
-            except Unavailable as exc:
-                left = deadline.remaining() or 0
-                if left <= delay:
-                    raise Unavailable(f"encoder {self.address} did not come up within {timeout:.0f}s: {exc.message}")
-                log.info("waiting for encoder %s: %s", self.address, exc.message)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        try:
+            return await self.model_info(Deadline.after(timeout), wait_for_ready=True)
+        except (Unavailable, DeadlineExceeded) as exc:
+            raise Unavailable(f"encoder {self.address} did not come up within {timeout:.0f}s: {exc.message}") from None
 
     async def embed_texts(self, texts: Sequence[str], deadline: Deadline) -> tuple[np.ndarray, str]:
         response = await self._call("EmbedTexts", encoder_service_pb2.EmbedTextsRequest(texts=list(texts)), deadline)
@@ -185,15 +164,16 @@ class EncoderClient:
             return await self._call("EmbedImages", request, deadline)
 
         responses = await asyncio.gather(*(one(chunk) for chunk in chunks))
-        vectors, codes, messages, fingerprints = [], [], [], set()
+        vectors, errors, fingerprints = [], [], set()
         for chunk, response in zip(chunks, responses):
             matrix = unpack_matrix(response.embeddings, field="encoder embeddings")
             if matrix.shape[0] != len(chunk) or len(response.statuses) not in (0, len(chunk)):
                 raise Unavailable(f"encoder returned {matrix.shape[0]} vectors for {len(chunk)} images")
             vectors.append(matrix)
-            statuses = list(response.statuses) or [None] * len(chunk)
-            codes.extend(s.code if s is not None else 0 for s in statuses)
-            messages.extend(s.message if s is not None else "" for s in statuses)
+            if response.statuses:
+                errors.extend(error_from_status(s.code, s.message) for s in response.statuses)
+            else:
+                errors.extend([None] * len(chunk))
             fingerprints.add(response.model_fingerprint)
         if len(fingerprints) > 1:
             raise FailedPrecondition(
@@ -201,4 +181,4 @@ class EncoderClient:
             )
         dim = vectors[0].shape[1] if vectors else 0
         stacked = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
-        return ImageEmbeddings(stacked, codes, messages, fingerprints.pop() if fingerprints else "")
+        return ImageEmbeddings(stacked, errors, fingerprints.pop() if fingerprints else "")

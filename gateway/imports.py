@@ -15,52 +15,37 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
-import json
 import logging
 import os
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
-from google.protobuf import json_format, timestamp_pb2
-
-from clipsearch.common.v1 import common_pb2
 from clipsearch.errors import (
     ClipsearchError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable,
 )
-from clipsearch.gateway.v1 import gateway_service_pb2 as gpb
-from clipsearch.item_status import item_status
+from clipsearch.image_formats import is_image_file_name
 from clipsearch.s3 import is_missing_error, make_s3_client, parse_s3_uri
 
 from gateway import metrics
-from gateway.rpc import Deadline
-
-if TYPE_CHECKING:
-    from gateway.engine import Gateway
+from gateway.collections import Collections
+from gateway.deadline import Deadline
+from gateway.ingest import Ingestor
+from gateway.jobs import JobStore, Saved, metadata_from_json, metadata_to_json, record_error
+from gateway.settings import GatewaySettings
+from gateway.types import JOB_SUCCEEDED, ImportJob, Metadata, UploadItem
+from gateway.validation import check_metadata
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-MAX_REPORTED_ERRORS = 20
-JOB_ID_RE = re.compile(r"^imp-[0-9a-f]{24}$")
-BATCH_RETRIES = 3
+JOB_ID_PATTERN = r"imp-[0-9a-f]{24}"
 
 
 def job_id_for(collection: str, source: str) -> str:
     return "imp-" + hashlib.sha256(f"{collection}\n{source}".encode()).hexdigest()[:24]
-
-
-def _now() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return ts
-
-
-def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 @dataclass
@@ -102,7 +87,7 @@ class LocalSource(Source):
             for folder, dirs, files in os.walk(self.root, followlinks=False):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
                 for name in files:
-                    if name.startswith(".") or not _is_image_name(name):
+                    if name.startswith(".") or not is_image_file_name(name):
                         continue
                     path = Path(folder) / name
                     if path.is_symlink():
@@ -152,7 +137,7 @@ class S3Source(Source):
                 kwargs["StartAfter"] = cursor
             page = await asyncio.to_thread(lambda: self.client.list_objects_v2(**kwargs))
             files = [SourceFile(obj["Key"], int(obj["Size"])) for obj in page.get("Contents", [])
-                     if _is_image_name(obj["Key"]) and obj["Key"] > cursor]
+                     if is_image_file_name(obj["Key"]) and obj["Key"] > cursor]
             if files:
                 yield files
             token = page.get("NextContinuationToken")
@@ -166,71 +151,29 @@ class S3Source(Source):
         return f"s3://{self.bucket}/{key}"
 
 
-@dataclass
-class Job:
-    proto: gpb.ImportJob
-    metadata: common_pb2.Metadata
-    cursor: str = ""
-    task: asyncio.Task | None = field(default=None, repr=False)
-
-    def to_json(self) -> str:
-        return json.dumps({
-            "job": json_format.MessageToDict(self.proto),
-            "metadata": json_format.MessageToDict(self.metadata),
-            "cursor": self.cursor,
-        })
-
-    @classmethod
-    def from_json(cls, text: str) -> "Job":
-        data = json.loads(text)
-        job = json_format.ParseDict(data["job"], gpb.ImportJob())
-        metadata = json_format.ParseDict(data.get("metadata", {}), common_pb2.Metadata())
-        return cls(job, metadata, data.get("cursor", ""))
-
-    @property
-    def running(self) -> bool:
-        return self.task is not None and not self.task.done()
-
-
-class ImportManager:
-    def __init__(self, gateway: "Gateway"):
-        self.gateway = gateway
-        self.settings = gateway.settings
-        self.folder = Path(self.settings.data_dir).expanduser() / "imports"
-        self.jobs: dict[str, Job] = {}
+class ImportJobs:
+    def __init__(self, settings: GatewaySettings, collections: Collections, ingestor: Ingestor):
+        self.settings = settings
+        self.collections = collections
+        self.ingestor = ingestor
+        self.store: JobStore[ImportJob] = JobStore(Path(settings.data_dir).expanduser() / "imports", ImportJob,
+                                                   JOB_ID_PATTERN)
         self._s3 = None
 
-    # ------------------------------------------------------------------ lifecycle
-
     async def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         if not self.settings.import_resume_on_start:
             return
-        for path in sorted(self.folder.glob("imp-*.json")):
+        for saved in self.store.unfinished():
             try:
-                job = Job.from_json(path.read_text())
-            except (ValueError, KeyError, json_format.ParseError) as exc:
-                log.warning("ignoring unreadable import job state %s: %s", path, exc)
+                source = self._source(saved.job.source)
+            except ClipsearchError as exc:
+                log.warning("cannot resume import %s: %s", saved.job.job_id, exc.message)
                 continue
-            if job.proto.state == gpb.IMPORT_STATE_RUNNING:
-                try:
-                    source = self._source(job.proto.source)
-                except ClipsearchError as exc:
-                    log.warning("cannot resume import %s: %s", job.proto.job_id, exc.message)
-                    continue
-                log.info("resuming import %s from %s after %r", job.proto.job_id, job.proto.source, job.cursor)
-                self.jobs[job.proto.job_id] = job
-                self._launch(job, source)
+            log.info("resuming import %s from %s after %r", saved.job.job_id, saved.job.source, saved.cursor)
+            self.store.launch(saved, lambda s, source=source: self._run(s, source))
 
     async def close(self) -> None:
-        """Stops running jobs; their state stays RUNNING on disk, so they resume later."""
-        tasks = [job.task for job in self.jobs.values() if job.running]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    # ------------------------------------------------------------------ API
+        await self.store.close()
 
     def _source(self, source: str) -> Source:
         source = source.strip()
@@ -239,7 +182,8 @@ class ImportManager:
         if source.startswith("s3://"):
             location = parse_s3_uri(source, field="source")
             if self._s3 is None:
-                self._s3 = make_s3_client(self.settings.s3_endpoint_url, self.settings.s3_region)
+                self._s3 = make_s3_client(self.settings.s3_endpoint_url, self.settings.s3_region,
+                                          timeout_seconds=self.settings.storage_timeout_seconds)
             return S3Source(location.bucket, location.key.lstrip("/"), self._s3)
         if "://" in source:
             raise InvalidArgument(f"source {source!r} must be s3://bucket/prefix or a folder path", field="source")
@@ -256,116 +200,53 @@ class ImportManager:
             )
         return LocalSource(path)
 
-    async def import_images(self, request: gpb.ImportImagesRequest) -> gpb.ImportJob:
-        collection = self.gateway.resolve(request.collection)
-        source = self._source(request.source)
+    async def import_images(self, collection: str, source_uri: str, metadata: Metadata) -> ImportJob:
+        collection = self.collections.resolve(collection)
+        source = self._source(source_uri)
         await source.check()
-        await self.gateway.collection(collection, Deadline.after(self.settings.index_timeout_seconds))
-        for key, value in request.metadata.fields.items():
-            if not key or value.WhichOneof("kind") is None:
-                raise InvalidArgument(f"metadata[{key!r}] needs a key and a value", field="metadata")
+        await self.collections.describe(collection, Deadline.after(self.settings.index_timeout_seconds))
+        check_metadata(metadata, "request")
         job_id = job_id_for(collection, source.uri)
-        job = self.jobs.get(job_id) or self._load(job_id)
-        if job is not None and job.running:
-            return _copy(job.proto)
-        now = _now()
-        if job is None:
-            job = Job(gpb.ImportJob(job_id=job_id, collection=collection, source=source.uri, create_time=now),
-                      common_pb2.Metadata())
-        elif job.proto.state == gpb.IMPORT_STATE_SUCCEEDED:
-            # A fresh pass: new files are imported, the rest are skipped.
-            created = job.proto.create_time
-            job = Job(gpb.ImportJob(job_id=job_id, collection=collection, source=source.uri, create_time=created),
-                      common_pb2.Metadata())
-        job.metadata.CopyFrom(request.metadata)
-        job.proto.state = gpb.IMPORT_STATE_RUNNING
-        job.proto.update_time.CopyFrom(now)
-        self.jobs[job_id] = job
-        self._save(job)
-        self._launch(job, source)
-        return _copy(job.proto)
+        saved = self.store.find(job_id)
+        if saved is not None and saved.running:
+            return dataclasses.replace(saved.job)
+        now = time.time()
+        if saved is None or saved.job.state == JOB_SUCCEEDED:
+            # New, or a fresh pass over a finished one: new files are imported, the rest are skipped.
+            created = saved.job.create_time if saved is not None else now
+            saved = Saved(ImportJob(job_id=job_id, collection=collection, source=source.uri, create_time=created))
+        saved.extra["metadata"] = metadata_to_json(metadata)
+        self.store.launch(saved, lambda s: self._run(s, source))
+        return dataclasses.replace(saved.job)
 
-    def get(self, job_id: str) -> gpb.ImportJob:
-        if not JOB_ID_RE.match(job_id or ""):
-            raise InvalidArgument(f"job_id {job_id[:80]!r} is not an import job id", field="job_id")
-        job = self.jobs.get(job_id) or self._load(job_id)
-        if job is None:
-            raise NotFound(f"import job {job_id} does not exist", field="job_id")
-        return _copy(job.proto)
+    def get(self, job_id: str) -> ImportJob:
+        return self.store.get(job_id)
 
-    # ------------------------------------------------------------------ state
-
-    def _path(self, job_id: str) -> Path:
-        return self.folder / f"{job_id}.json"
-
-    def _load(self, job_id: str) -> Job | None:
-        path = self._path(job_id)
-        if not path.exists():
-            return None
-        try:
-            return Job.from_json(path.read_text())
-        except (ValueError, KeyError, json_format.ParseError) as exc:
-            log.warning("unreadable import job state %s (%s); starting over", path, exc)
-            return None
-
-    def _save(self, job: Job) -> None:
-        job.proto.update_time.CopyFrom(_now())
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self._path(job.proto.job_id)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(job.to_json())
-        os.replace(tmp, path)
-
-    # ------------------------------------------------------------------ running
-
-    def _launch(self, job: Job, source: Source) -> None:
-        job.task = asyncio.get_running_loop().create_task(self._run(job, source), name=job.proto.job_id)
-
-    async def _run(self, job: Job, source: Source) -> None:
+    async def _run(self, saved: Saved[ImportJob], source: Source) -> None:
         metrics.IMPORT_JOBS_RUNNING.inc()
-        proto = job.proto
-        proto.total = proto.processed  # files before the cursor were counted by the earlier run
-        proto.listing_done = False
+        job = saved.job
+        job.total = job.processed  # files before the cursor were counted by the earlier run
+        job.listing_done = False
         started = time.monotonic()
-        done_at_start = proto.processed
+        done_at_start = job.processed
         try:
             batch: list[SourceFile] = []
-            async for files in source.list_after(job.cursor):
+            async for files in source.list_after(saved.cursor):
                 for f in files:
-                    proto.total += 1
+                    job.total += 1
                     batch.append(f)
                     if len(batch) >= self.settings.import_batch_size:
-                        await self._batch(job, source, batch)
+                        await self._batch(saved, source, batch)
                         batch = []
-                        await self._throttle(proto.processed - done_at_start, started)
-            proto.listing_done = True
+                        await self._throttle(job.processed - done_at_start, started)
+            job.listing_done = True
             if batch:
-                await self._batch(job, source, batch)
-            proto.state = gpb.IMPORT_STATE_SUCCEEDED
-            log.info("import %s done: %d imported, %d skipped, %d failed", proto.job_id, proto.imported,
-                     proto.skipped, proto.failed)
-        except asyncio.CancelledError:
-            log.info("import %s interrupted at %r; it resumes on the next start", proto.job_id, job.cursor)
-            self._save(job)
-            raise
-        except ClipsearchError as exc:
-            self._fail(job, "", exc)
-        except Exception as exc:  # noqa: BLE001 - a job must end in a state, never silently
-            log.exception("import %s failed", proto.job_id)
-            self._fail(job, "", Unavailable(f"{type(exc).__name__}: {exc}"))
+                await self._batch(saved, source, batch)
+            job.state = JOB_SUCCEEDED
+            log.info("import %s done: %d imported, %d skipped, %d failed", job.job_id, job.imported,
+                     job.skipped, job.failed)
         finally:
             metrics.IMPORT_JOBS_RUNNING.dec()
-        self._save(job)
-
-    def _fail(self, job: Job, key: str, error: ClipsearchError) -> None:
-        log.warning("import %s failed: %s", job.proto.job_id, error)
-        job.proto.state = gpb.IMPORT_STATE_FAILED
-        self._record_error(job, key, error)
-
-    @staticmethod
-    def _record_error(job: Job, key: str, error: ClipsearchError) -> None:
-        if len(job.proto.errors) < MAX_REPORTED_ERRORS:
-            job.proto.errors.add(source_key=key, status=item_status(error))
 
     async def _throttle(self, done: int, started: float) -> None:
         rate = self.settings.import_max_images_per_second
@@ -374,9 +255,9 @@ class ImportManager:
             if ahead > 0:
                 await asyncio.sleep(ahead)
 
-    async def _batch(self, job: Job, source: Source, files: list[SourceFile]) -> None:
-        from gateway.engine import IngestItem
-
+    async def _batch(self, saved: Saved[ImportJob], source: Source, files: list[SourceFile]) -> None:
+        """One batch through ingest. An outage fails the job (its cursor is kept, so
+        ImportImages resumes it); retries are the channels' job, not this loop's."""
         limit = self.settings.max_image_bytes
         failures: dict[int, ClipsearchError] = {}
 
@@ -392,44 +273,27 @@ class ImportManager:
 
         datas = await asyncio.gather(*(asyncio.to_thread(read, i, f) for i, f in enumerate(files)))
         positions = [i for i in range(len(files)) if i not in failures]
-        items = [IngestItem(datas[i], job.metadata, os.path.basename(files[i].key), source.describe(files[i].key))
+        metadata = metadata_from_json(saved.extra.get("metadata", {}))
+        items = [UploadItem(datas[i], metadata, os.path.basename(files[i].key), source.describe(files[i].key))
                  for i in positions]
         results = []
         if items:
-            for attempt in range(BATCH_RETRIES + 1):
-                deadline = Deadline.after(self.settings.encoder_timeout_seconds + 2 * self.settings.index_timeout_seconds
-                                          + self.settings.storage_timeout_seconds)
-                try:
-                    results = await self.gateway.ingest(job.proto.collection, items, deadline, field="files")
-                    break
-                except Unavailable as exc:
-                    if attempt == BATCH_RETRIES:
-                        raise
-                    delay = 0.5 * 2 ** attempt
-                    log.info("import %s: %s; retrying the batch in %.1fs", job.proto.job_id, exc.message, delay)
-                    await asyncio.sleep(delay)
-        proto = job.proto
-        for i, error in failures.items():
-            proto.failed += 1
-            metrics.IMPORTED_IMAGES.labels("failed").inc()
-            self._record_error(job, source.describe(files[i].key), error)
-        for i, result in zip(positions, results):
-            if result.error is not None:
-                proto.failed += 1
+            deadline = Deadline.after(self.settings.encoder_timeout_seconds + 2 * self.settings.index_timeout_seconds
+                                      + self.settings.storage_timeout_seconds)
+            results = await self.ingestor.ingest(saved.job.collection, items, deadline, field="files")
+        job = saved.job
+        outcomes = [(i, error) for i, error in failures.items()]
+        outcomes += [(i, result.error) for i, result in zip(positions, results)]
+        for i, error in outcomes:
+            if error is not None:
+                job.failed += 1
                 metrics.IMPORTED_IMAGES.labels("failed").inc()
-                self._record_error(job, source.describe(files[i].key), result.error)
-            elif result.created:
-                proto.imported += 1
-                metrics.IMPORTED_IMAGES.labels("imported").inc()
-            else:
-                proto.skipped += 1
-                metrics.IMPORTED_IMAGES.labels("skipped").inc()
-        proto.processed += len(files)
-        job.cursor = files[-1].key
-        self._save(job)
-
-
-def _copy(job: gpb.ImportJob) -> gpb.ImportJob:
-    out = gpb.ImportJob()
-    out.CopyFrom(job)
-    return out
+                record_error(job, source.describe(files[i].key), error)
+        for result in results:
+            if result.error is None:
+                outcome = "imported" if result.created else "skipped"
+                setattr(job, outcome, getattr(job, outcome) + 1)
+                metrics.IMPORTED_IMAGES.labels(outcome).inc()
+        job.processed += len(files)
+        saved.cursor = files[-1].key
+        self.store.save(saved)

@@ -34,8 +34,13 @@ DOWNSTREAM_SECONDS = Histogram(
     ["service", "method"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-ENCODER_RETRIES = Counter("clipsearch_gateway_encoder_retries_total", "Encoder calls retried after UNAVAILABLE.")
 IMPORTED_IMAGES = Counter(
     "clipsearch_gateway_import_images_total", "Images handled by import jobs, by result.", ["result"]
 )
 IMPORT_JOBS_RUNNING = Gauge("clipsearch_gateway_import_jobs_running", "Import jobs running now.")
+REPAIRED_IDS = Counter(
+    "clipsearch_gateway_repair_ids_total", "Ids fixed or found broken by repair jobs, by action.", ["action"]
+)
+PENDING_COLLECTION_DELETIONS = Gauge(
+    "clipsearch_gateway_pending_collection_deletions", "Collection deletions waiting for a shard to return."
+)

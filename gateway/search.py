@@ -10,7 +10,6 @@ import base64
 import hashlib
 import hmac
 import json
-import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -19,8 +18,8 @@ import numpy as np
 
 from clipsearch.errors import InvalidArgument
 
-DEFAULT_POSITIVE_WEIGHT = 0.75
-DEFAULT_NEGATIVE_WEIGHT = 0.25
+# MMR re-ranks at most this many candidates.
+MAX_CANDIDATES = 1000
 _EPS = 1e-6
 
 
@@ -45,13 +44,6 @@ def unit(vector: np.ndarray, what: str = "vector", field: str | None = None) -> 
     return (vector / norm).astype(np.float32)
 
 
-def check_weight(weight: float, field: str) -> float:
-    """The effective weight of a query part: zero means 1."""
-    if not math.isfinite(weight):
-        raise InvalidArgument(f"{field} must be a finite number", field=field)
-    return 1.0 if weight == 0 else float(weight)
-
-
 def combine_mean(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
     """The normalized weighted mean of unit vectors (rows of ``vectors``).
 
@@ -67,8 +59,7 @@ def combine_mean(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
 
 
 def rocchio(query: np.ndarray, positive: np.ndarray | None, negative: np.ndarray | None,
-            positive_weight: float = DEFAULT_POSITIVE_WEIGHT,
-            negative_weight: float = DEFAULT_NEGATIVE_WEIGHT) -> np.ndarray:
+            positive_weight: float, negative_weight: float) -> np.ndarray:
     """Rocchio feedback: q + a * mean(positive) - b * mean(negative), renormalized."""
     moved = np.asarray(query, dtype=np.float32).copy()
     if positive is not None and len(positive):

@@ -25,7 +25,7 @@ class GatewaySettings(ServerSettings):
     s3_endpoint_url: str = field(default="", metadata={"help": "S3 endpoint (MinIO, a test server); empty = AWS"})
     s3_region: str = field(default="", metadata={"help": "S3 region; empty = boto3's default chain"})
     url_ttl_seconds: int = field(default=3600, metadata={"help": "lifetime of presigned S3 URLs in results"})
-    data_dir: str = field(default="./data/gateway", metadata={"help": "gateway state (import jobs)"})
+    data_dir: str = field(default="./data/gateway", metadata={"help": "gateway state (import and repair jobs)"})
     api_keys: list[str] = field(
         default_factory=list,
         metadata={"help": "accepted API keys (comma separated); with none here or in api_keys_file, auth is off"},
@@ -43,13 +43,23 @@ class GatewaySettings(ServerSettings):
         metadata={"help": "when an index shard fails a search: 'fail' (UNAVAILABLE) or 'partial' (partial=true)"},
     )
     encoder_timeout_seconds: float = field(default=30.0, metadata={"help": "deadline of one encoder call"})
-    index_timeout_seconds: float = field(default=10.0, metadata={"help": "deadline of one index call (all shards)"})
+    index_timeout_seconds: float = field(
+        default=10.0,
+        metadata={"help": "deadline of one index call (all shards); a shard slower than this is reported missing"},
+    )
     storage_timeout_seconds: float = field(default=30.0, metadata={"help": "deadline of one storage operation"})
     startup_timeout_seconds: float = field(
         default=120.0, metadata={"help": "how long startup waits for the encoder and index shards"}
     )
-    encoder_retries: int = field(default=3, metadata={"help": "retries of encoder calls that got UNAVAILABLE"})
+    internal_retries: int = field(
+        default=3,
+        metadata={"help": "retries of encoder and index calls that found the service unavailable (gRPC retryPolicy)"},
+    )
     retry_backoff_seconds: float = field(default=0.05, metadata={"help": "first retry delay (doubles each time)"})
+    reconcile_interval_seconds: float = field(
+        default=10.0,
+        metadata={"help": "how often unfinished collection deletions are retried (a shard was down)"},
+    )
     encoder_batch_size: int = field(default=32, metadata={"help": "images per EmbedImages call"})
     text_cache_size: int = field(default=4096, metadata={"help": "text embeddings kept in the LRU cache (0 = off)"})
     max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "largest image accepted, in bytes"})
@@ -105,8 +115,12 @@ class GatewaySettings(ServerSettings):
         for name in ("encoder_batch_size", "import_batch_size", "max_upload_items", "mmr_candidates"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1")
-        if self.text_cache_size < 0 or self.encoder_retries < 0:
-            raise SettingsError("text_cache_size and encoder_retries must be >= 0")
+        if self.text_cache_size < 0 or self.internal_retries < 0:
+            raise SettingsError("text_cache_size and internal_retries must be >= 0")
+        if self.internal_retries > 4:
+            raise SettingsError("internal_retries must be at most 4 (gRPC allows 5 attempts)")
+        if self.reconcile_interval_seconds <= 0:
+            raise SettingsError("reconcile_interval_seconds must be > 0")
         return self
 
 

@@ -1,8 +1,13 @@
-"""Fan-out over index shards: a stable hash of the id picks the shard of a write;
-searches go to every shard in parallel under one deadline and are merged top-k.
+"""Fan-out over index shards, in plain types: a stable hash of the id picks the
+shard of a write; searches go to every shard in parallel and are merged top-k.
 
-When a shard fails a search, the policy decides: ``fail`` raises UNAVAILABLE
-naming the shard, ``partial`` answers from the others and names the missing.
+Every shard call gets its time from the caller's remaining deadline, less the
+margin the gateway needs to answer, so a hung shard ends as a missing shard,
+never as the caller's DEADLINE_EXCEEDED. When a shard fails a search, the
+policy decides: ``fail`` raises UNAVAILABLE naming the shard, ``partial``
+answers from the others and names the missing.
+
+This is the one module that speaks the index service's protos.
 """
 
 from __future__ import annotations
@@ -20,21 +25,27 @@ import numpy as np
 
 from clipsearch.common.v1 import common_pb2
 from clipsearch.errors import (
-    UNKNOWN_FILTER_KEY, AlreadyExists, ClipsearchError, DeadlineExceeded, FailedPrecondition, NotFound, Unavailable,
+    UNKNOWN_FILTER_KEY, AlreadyExists, ClipsearchError, DeadlineExceeded, FailedPrecondition, NotFound,
+    Unavailable,
 )
 from clipsearch.index.v1 import index_service_pb2 as ipb
 from clipsearch.index.v1 import index_service_pb2_grpc
+from clipsearch.metadata import metadata_from_proto, metadata_to_proto, value_to_proto
 from clipsearch.vectors import pack_matrix, unpack_vector
 
 from gateway import metrics
-from gateway.rpc import Deadline, make_channel, translate
+from gateway.deadline import Deadline
+from gateway.rpc import make_channel, translate
 from gateway.search import Candidate, rank
 from gateway.settings import GatewaySettings
+from gateway.types import CollectionInfo, Condition, Metadata
 
 log = logging.getLogger(__name__)
 
 POLICY_FAIL = "fail"
 POLICY_PARTIAL = "partial"
+METRICS = {ipb.METRIC_INNER_PRODUCT: "ip", ipb.METRIC_L2: "l2"}
+OUTAGES = (Unavailable, DeadlineExceeded)
 
 
 def jump_hash(key: int, buckets: int) -> int:
@@ -61,9 +72,57 @@ def merge_top_k(per_shard: Sequence[Sequence[Candidate]], k: int) -> list[Candid
     return rank(hit for hits in per_shard for hit in hits)[:k]
 
 
-def _candidate(hit: ipb.Hit, with_vector: bool) -> Candidate:
+@dataclass
+class Record:
+    id: str
+    metadata: Metadata
+    vector: np.ndarray | None = None
+
+
+def filter_to_proto(conditions: Sequence[Condition]) -> common_pb2.Filter:
+    message = common_pb2.Filter()
+    for condition in conditions:
+        out = message.conditions.add(key=condition.key)
+        if condition.equals is not None:
+            out.equals.CopyFrom(value_to_proto(condition.equals))
+        elif condition.in_set is not None:
+            out.in_set.values.extend(value_to_proto(v) for v in condition.in_set)
+        elif condition.range is not None:
+            for bound, value in condition.range.items():
+                getattr(out.range, bound).CopyFrom(value_to_proto(value))
+    return message
+
+
+def collection_from_proto(c: ipb.Collection) -> CollectionInfo:
+    return CollectionInfo(
+        name=c.name, dim=c.dim, metric=METRICS.get(c.metric, "ip"), index_spec=c.index_spec, num_shards=c.num_shards,
+        model_fingerprint=c.model_fingerprint, vector_count=c.vector_count, trained=c.trained,
+        memory_bytes=c.memory_bytes, snapshot_age_seconds=c.snapshot_age_seconds, sequence=c.sequence,
+    )
+
+
+def merge_collections(parts: Sequence[CollectionInfo]) -> CollectionInfo:
+    """One view of a collection over its shards: counts summed."""
+    first = parts[0]
+    ages = [p.snapshot_age_seconds for p in parts]
+    return CollectionInfo(
+        name=first.name, dim=first.dim, metric=first.metric, index_spec=first.index_spec,
+        num_shards=first.num_shards, model_fingerprint=first.model_fingerprint,
+        vector_count=sum(p.vector_count for p in parts), trained=all(p.trained for p in parts),
+        memory_bytes=sum(p.memory_bytes for p in parts),
+        snapshot_age_seconds=max(ages) if all(a >= 0 for a in ages) else -1.0,
+        sequence=max(p.sequence for p in parts),
+    )
+
+
+def _record(record: ipb.Record, with_vector: bool) -> Record:
+    vector = unpack_vector(record.vector, field="stored vector") if with_vector and record.vector else None
+    return Record(record.id, metadata_from_proto(record.metadata), vector)
+
+
+def _candidate(hit: ipb.Hit, with_metadata: bool, with_vector: bool) -> Candidate:
     vector = unpack_vector(hit.vector, field="index hit vector") if with_vector and hit.vector else None
-    return Candidate(hit.id, float(hit.score), hit.metadata, vector)
+    return Candidate(hit.id, float(hit.score), metadata_from_proto(hit.metadata) if with_metadata else None, vector)
 
 
 @dataclass
@@ -97,9 +156,6 @@ class ShardSet:
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self.channels))
 
-    def shard_of(self, image_id: str) -> Shard:
-        return self.shards[shard_for_id(image_id, len(self.shards))]
-
     def group(self, ids: Sequence[str]) -> dict[int, list[int]]:
         """Positions in ``ids`` grouped by shard index."""
         groups: dict[int, list[int]] = defaultdict(list)
@@ -107,7 +163,8 @@ class ShardSet:
             groups[shard_for_id(image_id, len(self.shards))].append(position)
         return groups
 
-    async def _call(self, shard: Shard, method: str, request, timeout: float):
+    async def _call(self, shard: Shard, method: str, request, deadline: Deadline):
+        timeout = deadline.timeout(self.settings.index_timeout_seconds)
         try:
             return await getattr(shard.stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
@@ -116,13 +173,12 @@ class ShardSet:
 
     async def _fan_out(self, method: str, make_request: Callable[[Shard], Any], deadline: Deadline,
                        shards: Sequence[Shard] | None = None) -> list[Any]:
-        """Calls every shard in parallel under one timeout; results or exceptions, in shard order."""
+        """Calls shards in parallel; results or ClipsearchErrors, in shard order."""
         shards = self.shards if shards is None else shards
-        timeout = deadline.timeout(self.settings.index_timeout_seconds)
         started = time.perf_counter()
         try:
             return await asyncio.gather(
-                *(self._call(shard, method, make_request(shard), timeout) for shard in shards),
+                *(self._call(shard, method, make_request(shard), deadline) for shard in shards),
                 return_exceptions=True,
             )
         finally:
@@ -138,7 +194,7 @@ class ShardSet:
             if not isinstance(error, ClipsearchError):
                 raise error
         for error in errors:
-            if not isinstance(error, (Unavailable, DeadlineExceeded)):
+            if not isinstance(error, OUTAGES):
                 raise error
         if len(errors) == 1:
             raise errors[0]
@@ -147,13 +203,14 @@ class ShardSet:
     # ------------------------------------------------------------------ search
 
     async def search(self, collection: str, queries: np.ndarray, k: int, *, deadline: Deadline,
-                     filter: common_pb2.Filter | None = None, params: common_pb2.SearchParams | None = None,
-                     include_vectors: bool = False, policy: str = POLICY_FAIL,
+                     filter: Sequence[Condition] = (), nprobe: int = 0, ef_search: int = 0,
+                     include_metadata: bool = True, include_vectors: bool = False, policy: str = POLICY_FAIL,
                      ) -> tuple[list[list[Candidate]], list[str]]:
         """Top-k per query over all shards, and the names of shards that did not answer."""
         request = ipb.SearchVectorsRequest(
-            collection=collection, queries=pack_matrix(queries), k=k, filter=filter, params=params,
-            include_metadata=True, include_vectors=include_vectors,
+            collection=collection, queries=pack_matrix(queries), k=k, filter=filter_to_proto(filter),
+            params=common_pb2.SearchParams(nprobe=nprobe, ef_search=ef_search),
+            include_metadata=include_metadata, include_vectors=include_vectors,
         )
         results = await self._fan_out("SearchVectors", lambda shard: request, deadline)
         missing: list[str] = []
@@ -161,7 +218,7 @@ class ShardSet:
         outages: list[ClipsearchError] = []
         unknown_key: ClipsearchError | None = None
         for shard, result in zip(self.shards, results):
-            if isinstance(result, (Unavailable, DeadlineExceeded)):
+            if isinstance(result, OUTAGES):
                 outages.append(result)
                 missing.append(shard.name)
             elif isinstance(result, ClipsearchError) and result.reason == UNKNOWN_FILTER_KEY:
@@ -173,9 +230,8 @@ class ShardSet:
         if unknown_key is not None and not answered and not outages:
             raise unknown_key
         if outages and (policy != POLICY_PARTIAL or not answered):
-            names = ", ".join(missing)
             raise Unavailable(
-                f"index shard(s) {names} did not answer the search ({outages[0].message})"
+                f"index shard(s) {', '.join(missing)} did not answer the search ({outages[0].message})"
                 + ("" if policy == POLICY_PARTIAL else "; the gateway's shard_failure_policy is 'fail'"),
                 reason="SHARD_UNAVAILABLE",
             )
@@ -188,15 +244,15 @@ class ShardSet:
                 if row >= len(response.results):
                     raise Unavailable(f"an index shard answered {len(response.results)} results for "
                                       f"{queries.shape[0]} queries")
-                per_shard.append([_candidate(hit, include_vectors) for hit in response.results[row].hits])
+                per_shard.append([_candidate(hit, include_metadata, include_vectors)
+                                  for hit in response.results[row].hits])
             merged.append(merge_top_k(per_shard, k))
         return merged, missing
 
     # ------------------------------------------------------------------ records
 
-    async def upsert(self, collection: str, ids: Sequence[str], vectors: np.ndarray,
-                     metadata: Sequence[common_pb2.Metadata], fingerprint: str, deadline: Deadline,
-                     ) -> list[ClipsearchError | None]:
+    async def upsert(self, collection: str, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[Metadata],
+                     fingerprint: str, deadline: Deadline) -> list[ClipsearchError | None]:
         """Writes each id to its shard; one error (or None) per id. Shards are independent,
         so a failing shard fails only its own ids."""
         outcome: list[ClipsearchError | None] = [None] * len(ids)
@@ -207,7 +263,7 @@ class ShardSet:
             positions = groups[shard.index]
             return ipb.UpsertVectorsRequest(
                 collection=collection, ids=[ids[p] for p in positions], vectors=pack_matrix(vectors[positions]),
-                metadata=[metadata[p] for p in positions], model_fingerprint=fingerprint,
+                metadata=[metadata_to_proto(metadata[p]) for p in positions], model_fingerprint=fingerprint,
             )
 
         results = await self._fan_out("UpsertVectors", make, deadline, shards)
@@ -220,7 +276,7 @@ class ShardSet:
         return outcome
 
     async def fetch(self, collection: str, ids: Sequence[str], deadline: Deadline,
-                    include_vectors: bool = False) -> dict[str, ipb.Record]:
+                    include_vectors: bool = False) -> dict[str, Record]:
         """Records found, by id. A shard failure raises (naming the shard)."""
         records, errors = await self.fetch_each(collection, ids, deadline, include_vectors)
         if errors:
@@ -228,8 +284,7 @@ class ShardSet:
         return records
 
     async def fetch_each(self, collection: str, ids: Sequence[str], deadline: Deadline,
-                         include_vectors: bool = False,
-                         ) -> tuple[dict[str, ipb.Record], dict[str, ClipsearchError]]:
+                         include_vectors: bool = False) -> tuple[dict[str, Record], dict[str, ClipsearchError]]:
         """Records found, by id, and the error of each id whose shard failed."""
         if not ids:
             return {}, {}
@@ -241,7 +296,7 @@ class ShardSet:
                                                   include_vectors=include_vectors),
             deadline, shards,
         )
-        records: dict[str, ipb.Record] = {}
+        records: dict[str, Record] = {}
         errors: dict[str, ClipsearchError] = {}
         for shard, result in zip(shards, results):
             if isinstance(result, BaseException):
@@ -249,7 +304,7 @@ class ShardSet:
                     raise result
                 errors.update((ids[p], result) for p in groups[shard.index])
             else:
-                records.update((record.id, record) for record in result.records)
+                records.update((r.id, _record(r, include_vectors)) for r in result.records)
         return records, errors
 
     async def delete(self, collection: str, ids: Sequence[str], deadline: Deadline) -> int:
@@ -264,101 +319,100 @@ class ShardSet:
         return sum(r.deleted_count for r in results)
 
     async def list(self, collection: str, after: str, page_size: int, deadline: Deadline,
-                   ) -> tuple[list[ipb.Record], bool]:
+                   include_metadata: bool = True) -> tuple[list[Record], bool]:
         """The first ``page_size`` records with ids after ``after``, over all shards in id
         order, and whether more follow."""
         results = await self._fan_out(
             "ListVectors",
             lambda shard: ipb.ListVectorsRequest(collection=collection, page_size=page_size, page_token=after,
-                                                 include_metadata=True),
+                                                 include_metadata=include_metadata),
             deadline,
         )
         self._raise_first(results)
         records = sorted((r for response in results for r in response.records), key=lambda r: r.id)
         more = len(records) > page_size or any(response.next_page_token for response in results)
-        return records[:page_size], more
+        return [_record(r, False) for r in records[:page_size]], more
 
     # ------------------------------------------------------------------ collections
 
-    async def create_collection(self, request: ipb.CreateCollectionRequest, deadline: Deadline) -> ipb.Collection:
+    async def create_collection(self, name: str, dim: int, index_spec: str, num_shards: int, fingerprint: str,
+                                deadline: Deadline) -> CollectionInfo:
         """Creates the collection on every shard. Shards that already have it (from an
-        earlier, partly failed attempt) are accepted when their settings match."""
+        earlier, partly failed attempt, or a retried call) are accepted."""
+        request = ipb.CreateCollectionRequest(name=name, dim=dim, metric=ipb.METRIC_INNER_PRODUCT,
+                                              index_spec=index_spec, num_shards=num_shards,
+                                              model_fingerprint=fingerprint)
         results = await self._fan_out("CreateCollection", lambda shard: request, deadline)
         created = [r for r in results if not isinstance(r, BaseException)]
         existing = [r for r in results if isinstance(r, AlreadyExists)]
-        others = [r for r in results if isinstance(r, BaseException) and not isinstance(r, AlreadyExists)]
-        if others:
-            self._raise_first(others)
+        self._raise_first([r for r in results if isinstance(r, BaseException) and not isinstance(r, AlreadyExists)])
         if not created:
-            raise AlreadyExists(f"collection {request.name!r} already exists", field="name")
+            raise AlreadyExists(f"collection {name!r} already exists", field="name")
         if existing:
             log.warning("collection %s existed on %d of %d shards; created it on the rest",
-                        request.name, len(existing), len(self.shards))
-        return await self.get_collection(request.name, deadline)
+                        name, len(existing), len(self.shards))
+        return await self.get_collection(name, deadline)
 
-    async def get_collection(self, name: str, deadline: Deadline) -> ipb.Collection:
+    async def get_collection(self, name: str, deadline: Deadline) -> CollectionInfo:
         """The collection with counts summed over all shards."""
         results = await self._fan_out("GetCollection", lambda shard: ipb.GetCollectionRequest(name=name), deadline)
         missing = [shard.describe() for shard, r in zip(self.shards, results) if isinstance(r, NotFound)]
         if len(missing) == len(self.shards):
-            raise NotFound(f"collection {name!r} does not exist", field="collection")
+            raise NotFound(f"collection {name!r} does not exist", field="name")
+        self._raise_first([r for r in results if not isinstance(r, NotFound)])
         if missing:
             raise FailedPrecondition(
                 f"collection {name!r} is missing on {', '.join(missing)}; call CreateCollection again to repair it"
             )
-        self._raise_first(results)
-        return merge_collections([r.collection for r in results])
+        return merge_collections([collection_from_proto(r.collection) for r in results])
 
-    async def describe_collection(self, name: str, deadline: Deadline) -> ipb.Collection:
-        """The collection's settings (dim, fingerprint, ...) from the shards that answer;
-        counts are not summed. Serves searches while a shard is down."""
-        results = await self._fan_out("GetCollection", lambda shard: ipb.GetCollectionRequest(name=name), deadline)
-        found = [r.collection for r in results if not isinstance(r, BaseException)]
-        if found:
-            return found[0]
-        if any(isinstance(r, NotFound) for r in results):
+    async def describe_collection(self, name: str, deadline: Deadline) -> CollectionInfo:
+        """The collection's settings (dim, fingerprint, ...) from the first shard that
+        has it; counts are not summed. A down or hung shard does not hold it up."""
+        calls = [asyncio.ensure_future(self._call(shard, "GetCollection", ipb.GetCollectionRequest(name=name),
+                                                  deadline)) for shard in self.shards]
+        errors: list[BaseException] = []
+        try:
+            for next_done in asyncio.as_completed(calls):
+                try:
+                    return collection_from_proto((await next_done).collection)
+                except ClipsearchError as error:
+                    errors.append(error)
+        finally:
+            for call in calls:
+                call.cancel()
+        if any(isinstance(e, NotFound) for e in errors):
             raise NotFound(f"collection {name!r} does not exist", field="collection")
-        self._raise_first(results)
+        self._raise_first(errors)
         raise Unavailable(f"no index shard answered for collection {name!r}")
 
-    async def list_collections(self, deadline: Deadline) -> list[ipb.Collection]:
+    async def list_collections(self, deadline: Deadline) -> list[CollectionInfo]:
         """Every collection, merged over all shards, sorted by name."""
 
-        async def all_pages(shard: Shard) -> list[ipb.Collection]:
+        async def all_pages(shard: Shard) -> list[CollectionInfo]:
             out, token = [], ""
             while True:
                 response = await self._call(
-                    shard, "ListCollections", ipb.ListCollectionsRequest(page_size=1000, page_token=token),
-                    deadline.timeout(self.settings.index_timeout_seconds),
+                    shard, "ListCollections", ipb.ListCollectionsRequest(page_size=1000, page_token=token), deadline,
                 )
-                out.extend(response.collections)
+                out.extend(collection_from_proto(c) for c in response.collections)
                 token = response.next_page_token
                 if not token or not response.collections:
                     return out
 
         results = await asyncio.gather(*(all_pages(s) for s in self.shards), return_exceptions=True)
         self._raise_first(results)
-        by_name: dict[str, list[ipb.Collection]] = defaultdict(list)
+        by_name: dict[str, list[CollectionInfo]] = defaultdict(list)
         for collections in results:
             for collection in collections:
                 by_name[collection.name].append(collection)
         return [merge_collections(by_name[name]) for name in sorted(by_name)]
 
-    async def delete_collection(self, name: str, deadline: Deadline) -> None:
+    async def delete_collection(self, name: str, deadline: Deadline) -> list[str]:
+        """Deletes the collection on every shard it is on; the shards that could not be reached."""
         results = await self._fan_out("DeleteCollection", lambda shard: ipb.DeleteCollectionRequest(name=name),
                                       deadline)
-        if all(isinstance(r, NotFound) for r in results):
-            raise NotFound(f"collection {name!r} does not exist", field="name")
-        self._raise_first([r for r in results if not isinstance(r, NotFound)])
-
-
-def merge_collections(parts: Sequence[ipb.Collection]) -> ipb.Collection:
-    merged = ipb.Collection()
-    merged.CopyFrom(parts[0])
-    merged.vector_count = sum(p.vector_count for p in parts)
-    merged.memory_bytes = sum(p.memory_bytes for p in parts)
-    merged.trained = all(p.trained for p in parts)
-    merged.snapshot_age_seconds = max(p.snapshot_age_seconds for p in parts) if all(
-        p.snapshot_age_seconds >= 0 for p in parts) else -1.0
-    merged.sequence = max(p.sequence for p in parts)
-    return merged
+        failed = [(shard, r) for shard, r in zip(self.shards, results)
+                  if isinstance(r, BaseException) and not isinstance(r, NotFound)]
+        self._raise_first([r for _, r in failed if not isinstance(r, OUTAGES)])
+        return [shard.name for shard, _ in failed]

@@ -1,6 +1,7 @@
 """Image storage backends: S3 (boto3, presigned URLs) and a local folder (file:// URLs).
 
-Object keys are ``<prefix><collection>/<sha256 hex of the bytes>``. The id is
+Object keys are ``<prefix><collection>/<sha256 hex of the bytes>``. Markers, the
+gateway's durable notes to itself, live under ``<prefix>.clipsearch/``. The id is
 validated as 64 hex digits and the collection name against a strict pattern, so
 no string from a request can name a key outside the configured prefix; the
 local backend also checks the resolved path (defense in depth).
@@ -13,7 +14,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from clipsearch.errors import ClipsearchError, InvalidArgument, NotFound, Unavailable
+from clipsearch.image_formats import sniff_content_type
+from clipsearch.names import IMAGE_ID_RE, check_collection_name, check_image_id
 from clipsearch.s3 import is_missing_error, make_s3_client, parse_s3_uri
 
 from gateway import metrics
@@ -30,54 +32,25 @@ from gateway import metrics
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-IMAGE_ID_RE = re.compile(r"^[0-9a-f]{64}$")
-# No dots or slashes: a collection name is always exactly one path segment.
-COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+# Where the gateway keeps its own small control objects (pending collection
+# deletions, unfinished image deletions). Collection names start with a letter
+# or digit, so this never collides with a collection's objects.
+CONTROL_PREFIX = ".clipsearch/"
+
+
+def collection_deletion_marker(collection: str) -> str:
+    """The marker that records a collection deletion until every shard has done it."""
+    return f"deleting/{collection}"
+
+
+def image_deletion_marker(collection: str, image_id: str) -> str:
+    """The marker that records an image deletion until its object is gone."""
+    return f"deleted/{collection}/{image_id}"
 
 
 def image_id_for(data: bytes) -> str:
     """The id of an image: the sha256 of its bytes, in hex."""
     return hashlib.sha256(data).hexdigest()
-
-
-def check_image_id(value: str, field: str = "id") -> str:
-    if not IMAGE_ID_RE.match(value or ""):
-        raise InvalidArgument(
-            f"{field} must be an image id (64 lowercase hex digits, the sha256 of the image bytes); got {value[:80]!r}",
-            field=field,
-        )
-    return value
-
-
-def check_collection_name(value: str, field: str = "collection") -> str:
-    if not COLLECTION_RE.match(value or ""):
-        raise InvalidArgument(
-            f"{field} {value[:80]!r} is not a valid collection name: use 1-128 letters, digits, '_' or '-', "
-            "starting with a letter or digit",
-            field=field,
-        )
-    return value
-
-
-_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
-    (b"\xff\xd8\xff", 0, "image/jpeg"),
-    (b"\x89PNG\r\n\x1a\n", 0, "image/png"),
-    (b"GIF87a", 0, "image/gif"),
-    (b"GIF89a", 0, "image/gif"),
-    (b"BM", 0, "image/bmp"),
-    (b"II*\x00", 0, "image/tiff"),
-    (b"MM\x00*", 0, "image/tiff"),
-)
-
-
-def sniff_content_type(data: bytes) -> str | None:
-    """The MIME type from the leading magic bytes, or None when not a known image format."""
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    for magic, offset, mime in _SIGNATURES:
-        if data[offset:offset + len(magic)] == magic:
-            return mime
-    return None
 
 
 @dataclass(frozen=True)
@@ -149,6 +122,25 @@ class ImageStorage(abc.ABC):
     @abc.abstractmethod
     def url(self, collection: str, image_id: str) -> str:
         """A URL a client can fetch the object from (presigned for S3)."""
+
+    @abc.abstractmethod
+    async def list_ids(self, collection: str, after: str, limit: int) -> list[str]:
+        """Up to ``limit`` image ids of the collection greater than ``after``, in order."""
+
+    @abc.abstractmethod
+    async def put_marker(self, name: str) -> None:
+        """Records the marker ``name`` (a relative path such as ``deleting/images``)."""
+
+    @abc.abstractmethod
+    async def delete_marker(self, name: str) -> None:
+        """Removes a marker; no error when it does not exist."""
+
+    @abc.abstractmethod
+    async def list_markers(self, prefix: str) -> list[str]:
+        """Names of the markers starting with ``prefix``, in order."""
+
+    async def has_marker(self, name: str) -> bool:
+        return name in await self.list_markers(name)
 
     async def check(self) -> None:
         """Raises Unavailable when the backend cannot be reached (startup check)."""
@@ -251,6 +243,48 @@ class LocalStorage(ImageStorage):
     def url(self, collection: str, image_id: str) -> str:
         return self.path(collection, image_id).as_uri()
 
+    async def list_ids(self, collection: str, after: str, limit: int) -> list[str]:
+        folder = self.root / check_collection_name(collection)
+
+        def scan() -> list[str]:
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                return []
+            return sorted(n for n in names if n > after and IMAGE_ID_RE.match(n))[:limit]
+
+        return await self._run("list", scan)
+
+    def _marker_path(self, name: str) -> Path:
+        path = (self.root / CONTROL_PREFIX / name).resolve()
+        if not path.is_relative_to(self.root / CONTROL_PREFIX):
+            raise ValueError(f"marker {name!r} escapes the control folder")
+        return path
+
+    async def put_marker(self, name: str) -> None:
+        path = self._marker_path(name)
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as fh:
+                os.fsync(fh.fileno())
+
+        await self._run("put_marker", write)
+
+    async def delete_marker(self, name: str) -> None:
+        await self._run("delete_marker", lambda: self._marker_path(name).unlink(missing_ok=True))
+
+    async def list_markers(self, prefix: str) -> list[str]:
+        control = self.root / CONTROL_PREFIX
+
+        def scan() -> list[str]:
+            if not control.is_dir():
+                return []
+            found = (p.relative_to(control).as_posix() for p in control.rglob("*") if p.is_file())
+            return sorted(name for name in found if name.startswith(prefix))
+
+        return await self._run("list_markers", scan)
+
 
 class S3Storage(ImageStorage):
     backend = "s3"
@@ -265,7 +299,8 @@ class S3Storage(ImageStorage):
             raise ValueError(f"storage prefix {prefix!r} has empty, '.' or '..' segments")
         self._prefix = prefix + "/" if prefix else ""
         self.url_ttl_seconds = url_ttl_seconds
-        self.client = client or make_s3_client(endpoint_url, region)
+        # botocore's own timeouts end a hung request, so a hung S3 cannot hold the pool's threads for long.
+        self.client = client or make_s3_client(endpoint_url, region, timeout_seconds=self.timeout_seconds)
 
     @property
     def prefix(self) -> str:
@@ -340,6 +375,44 @@ class S3Storage(ImageStorage):
             return count
 
         return await self._run("delete_collection", remove)
+
+    async def list_ids(self, collection: str, after: str, limit: int) -> list[str]:
+        prefix = f"{self._prefix}{check_collection_name(collection)}/"
+        names = await self._list_keys(prefix, prefix + after if after else "", limit, "list")
+        return [name for name in names if IMAGE_ID_RE.match(name)]
+
+    def _list_keys_sync(self, prefix: str, start_after: str, limit: int) -> list[str]:
+        """Key names (without ``prefix``) after ``start_after``, in order, at most ``limit``."""
+        names: list[str] = []
+        kwargs = {"Bucket": self.bucket, "Prefix": prefix}
+        if start_after:
+            kwargs["StartAfter"] = start_after
+        for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
+            for obj in page.get("Contents", []):
+                names.append(obj["Key"][len(prefix):])
+                if len(names) >= limit:
+                    return names
+        return names
+
+    async def _list_keys(self, prefix: str, start_after: str, limit: int, op: str) -> list[str]:
+        return await self._run(op, self._list_keys_sync, prefix, start_after, limit)
+
+    def _marker_key(self, name: str) -> str:
+        if any(part in ("", ".", "..") for part in name.split("/")):
+            raise ValueError(f"marker {name!r} has empty, '.' or '..' segments")
+        return f"{self._prefix}{CONTROL_PREFIX}{name}"
+
+    async def put_marker(self, name: str) -> None:
+        key = self._marker_key(name)
+        await self._run("put_marker", lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=b""))
+
+    async def delete_marker(self, name: str) -> None:
+        key = self._marker_key(name)
+        await self._run("delete_marker", lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
+
+    async def list_markers(self, prefix: str) -> list[str]:
+        names = await self._list_keys(f"{self._prefix}{CONTROL_PREFIX}{prefix}", "", 1_000_000, "list_markers")
+        return [prefix + name for name in names]
 
     def url(self, collection: str, image_id: str) -> str:
         started = time.perf_counter()

@@ -265,7 +265,6 @@ def violation_field(err) -> str:
     ({"parts": [gpb.QueryPart(text="   ")]}, "parts[0].text"),
     ({"parts": [gpb.QueryPart()]}, "parts[0]"),
     ({"parts": [gpb.QueryPart(text="x")], "top_k": 1001}, "top_k"),
-    ({"parts": [gpb.QueryPart(text="x")], "page_size": 5000}, "page_size"),
     ({"parts": [gpb.QueryPart(text="x")], "diversity": 1.5}, "diversity"),
     ({"parts": [gpb.QueryPart(text="x")], "page_token": "eyJ2IjoxfQ.AAAA"}, "page_token"),
     ({"parts": [gpb.QueryPart(vector=b"\x00" * 12)]}, "parts[0].vector"),
@@ -274,7 +273,7 @@ def violation_field(err) -> str:
     ({"parts": [gpb.QueryPart(text="x")], "filter": common_pb2.Filter(conditions=[common_pb2.Condition(key="n")])},
      "filter.conditions[0]"),
     ({"parts": [gpb.QueryPart(text="x")], "collection": "../other"}, "collection"),
-], ids=["empty", "blank-text", "empty-part", "top_k", "page_size", "diversity", "forged-token", "vector-dim",
+], ids=["empty", "blank-text", "empty-part", "top_k", "diversity", "forged-token", "vector-dim",
         "bad-id", "corrupt-image", "bad-filter", "bad-collection"])
 def test_bad_search_input_is_invalid_argument(client, corpus, request_fields, field):
     with pytest.raises(grpc.RpcError) as err:
@@ -382,3 +381,9 @@ def test_metrics_are_exported(client, gateway, corpus):
                and 'grpc_code="OK"' in line for line in text.splitlines())
     hits = [line for line in text.splitlines() if line.startswith("clipsearch_gateway_text_cache_hits_total")]
     assert float(hits[0].split()[-1]) >= 1
+
+
+def test_page_size_above_the_limit_is_clamped_not_refused(client, corpus):
+    """AIP-158: a page_size over the maximum means the maximum."""
+    response = client.search(gpb.QueryPart(text="x"), top_k=5, page_size=5000)
+    assert len(response.hits) == 5 and not response.next_page_token

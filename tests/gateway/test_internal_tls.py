@@ -12,7 +12,7 @@ import pytest
 from clipsearch.encoder.v1 import encoder_service_pb2_grpc
 from clipsearch.errors import Unavailable
 from gateway.encoder import EncoderClient
-from gateway.rpc import Deadline
+from gateway.deadline import Deadline
 from gateway.settings import GatewaySettings
 from tests.gateway.fakes import FakeEncoder
 
@@ -77,19 +77,19 @@ def test_tls_and_mtls_to_the_encoder(pki):
             mtls = GatewaySettings(encoder=address, internal_tls_ca=str(pki / "ca.pem"),
                                    internal_tls_cert=str(pki / "client.pem"),
                                    internal_tls_key=str(pki / "client-key.pem"),
-                                   internal_tls_server_name="encoder.internal", encoder_retries=0).validate()
+                                   internal_tls_server_name="encoder.internal", internal_retries=0).validate()
             client = EncoderClient(mtls)
             assert (await client.model_info(Deadline.after(5))).fingerprint == "fake-model"
             await client.close()
 
             no_client_cert = GatewaySettings(encoder=address, internal_tls_ca=str(pki / "ca.pem"),
-                                             encoder_retries=0).validate()
+                                             internal_retries=0).validate()
             client = EncoderClient(no_client_cert)
             with pytest.raises(Unavailable):
                 await client.model_info(Deadline.after(5))
             await client.close()
 
-            plaintext = EncoderClient(GatewaySettings(encoder=address, encoder_retries=0))
+            plaintext = EncoderClient(GatewaySettings(encoder=address, internal_retries=0))
             with pytest.raises(Unavailable):
                 await plaintext.model_info(Deadline.after(5))
             await plaintext.close()

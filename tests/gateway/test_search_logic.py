@@ -49,10 +49,10 @@ def test_rocchio_moves_towards_positive_and_away_from_negative():
     moved = rocchio(q, pos[None], neg[None], 0.75, 0.25)
     assert np.isclose(np.linalg.norm(moved), 1)
     assert np.allclose(moved, unit(q + 0.75 * pos - 0.25 * neg))
-    assert rocchio(q, pos[None], None) @ pos > q @ pos
-    assert rocchio(q, None, neg[None]) @ neg < q @ neg
+    assert rocchio(q, pos[None], None, 0.75, 0.25) @ pos > q @ pos
+    assert rocchio(q, None, neg[None], 0.75, 0.25) @ neg < q @ neg
     # No feedback: unchanged.
-    assert np.allclose(rocchio(q, None, None), q)
+    assert np.allclose(rocchio(q, None, None, 0.75, 0.25), q)
 
 
 def test_max_aggregation_keeps_best_weighted_part_score():

@@ -11,7 +11,7 @@ import pytest
 from clipsearch.common.v1 import common_pb2
 from clipsearch.errors import Unavailable
 from clipsearch.index.v1 import index_service_pb2 as ipb
-from gateway.rpc import Deadline
+from gateway.deadline import Deadline
 from gateway.search import Candidate
 from gateway.settings import GatewaySettings
 from gateway.shards import ShardSet, jump_hash, merge_top_k, shard_for_id
@@ -72,12 +72,10 @@ def _vectors(n, dim=8, seed=0):
 
 async def _fill(shards, n=40):
     d = Deadline.after(5)
-    await shards.create_collection(ipb.CreateCollectionRequest(name="c", dim=8, model_fingerprint="fp"), d)
+    await shards.create_collection("c", 8, "Flat", 1, "fp", d)
     ids = [f"{i:03d}" for i in range(n)]
     vectors = _vectors(n)
-    meta = [common_pb2.Metadata() for _ in ids]
-    for i, m in enumerate(meta):
-        m.fields["parity"].string_value = "even" if i % 2 == 0 else "odd"
+    meta = [{"parity": "even" if i % 2 == 0 else "odd"} for i in range(n)]
     errors = await shards.upsert("c", ids, vectors, meta, "fp", d)
     assert errors == [None] * n
     return ids, vectors

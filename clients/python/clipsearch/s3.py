@@ -30,13 +30,14 @@ def parse_s3_uri(uri: str, field: str = "uri") -> S3Location:
     return S3Location(bucket, key)
 
 
-def make_s3_client(endpoint_url: str = "", region: str = ""):
+def make_s3_client(endpoint_url: str = "", region: str = "", timeout_seconds: float = 60.0):
     import boto3
     from botocore.config import Config
 
     # SigV4 everywhere: presigned URLs then carry X-Amz-Expires and work in every region.
     config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32,
-                    signature_version="s3v4")
+                    signature_version="s3v4", connect_timeout=min(timeout_seconds, 10.0),
+                    read_timeout=timeout_seconds)
     session = boto3.session.Session()
     return session.client(
         "s3",
