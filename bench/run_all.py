@@ -131,10 +131,12 @@ def run_p2(mode: Mode, dim: int, fingerprint: str, workdir: Path, out: Path) -> 
 
 # ---------------------------------------------------------------- P1
 
-def _p1_requests(texts: list[str], nprobe: int):
+def _p1_requests(texts: list[str], nprobe: int, hit_fields: tuple[str, ...] = ()):
+    """SearchImages requests; ``hit_fields`` is the read mask (empty: every field, metadata included)."""
     from clipsearch.gateway.v1 import gateway_service_pb2 as gpb
 
-    return [gpb.SearchImagesRequest(parts=[gpb.QueryPart(text=t)], top_k=TOP_K, params={"nprobe": nprobe})
+    return [gpb.SearchImagesRequest(parts=[gpb.QueryPart(text=t)], top_k=TOP_K, params={"nprobe": nprobe},
+                                    read_mask={"paths": list(hit_fields)})
             for t in texts]
 
 
@@ -242,17 +244,24 @@ def run_p1(mode: Mode, model, p2: dict, workdir: Path) -> tuple[list[dict], dict
         # One client: interleaved query by query, so drift on a shared machine hits both alike.
         texts = [query_text(i, "q1") for i in range(mode.p1_queries)]
         requests = _p1_requests(texts, nprobe)
-        ours, base, by_hand = [], [], []
+        # The same queries, other texts (so the text cache misses), without metadata in the hits.
+        lean_requests = _p1_requests([query_text(i, "q1m") for i in range(mode.p1_queries)], nprobe,
+                                     ("id", "score", "url"))
+        ours, base, by_hand, lean = [], [], [], []
         for i, (text, request) in enumerate(zip(texts, requests)):
             for fn, arg, samples in ((through_gateway, request, ours), (in_process, text, base),
-                                     (direct, query_text(i, "q1d"), by_hand)):
+                                     (direct, query_text(i, "q1d"), by_hand),
+                                     (through_gateway, lean_requests[i], lean)):
                 started = time.perf_counter()
                 fn(arg)
                 samples.append(time.perf_counter() - started)
-        one = {"gateway": summarize_ms(ours), "in_process": summarize_ms(base),
+        one = {"gateway": summarize_ms(ours), "gateway_without_metadata": summarize_ms(lean),
+               "in_process": summarize_ms(base),
                "direct_calls": summarize_ms(by_hand), "parts": {k: summarize_ms(v) for k, v in parts.items()}}
         print_table("P1 breakdown, 1 client (p50 ms)", ["path", "p50 ms", "p99 ms"], [
             ["gateway SearchImages", one["gateway"]["p50_ms"], one["gateway"]["p99_ms"]],
+            ["gateway SearchImages, read_mask without metadata", one["gateway_without_metadata"]["p50_ms"],
+             one["gateway_without_metadata"]["p99_ms"]],
             ["direct: EmbedTexts + SearchVectors (with metadata)", one["direct_calls"]["p50_ms"],
              one["direct_calls"]["p99_ms"]],
             ["  EmbedTexts (encoder service)", one["parts"]["embed_texts_rpc"]["p50_ms"],
@@ -287,6 +296,8 @@ def run_p1(mode: Mode, model, p2: dict, workdir: Path) -> tuple[list[dict], dict
     rows = []
     for label, stats, baseline, note in (
         ("1 client", one["gateway"], one["in_process"], where),
+        ("1 client, no metadata", one["gateway_without_metadata"], one["in_process"],
+         where + "; read_mask id,score,url: the index answers from memory"),
         (f"{clients} clients", many["gateway"], many["in_process_batched"],
          f"baseline: {clients} queries per batch; {many['gateway_qps']:.0f} vs {many['in_process_qps']:.0f} q/s"),
     ):

@@ -11,8 +11,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipsearch.errors import InvalidArgument
-
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+from clipsearch.image_formats import ACCEPTED_DESCRIPTION, PIL_FORMATS
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, target_size: int | None = None) -> Image.Image:
@@ -28,7 +27,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, target_size: i
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidArgument(
@@ -40,9 +39,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, target_size: i
     except InvalidArgument:
         raise
     except UnidentifiedImageError:
-        raise InvalidArgument(
-            f"cannot identify the image format; accepted formats are {', '.join(ACCEPTED_FORMATS)}"
-        ) from None
+        raise InvalidArgument(f"cannot identify the image format; send {ACCEPTED_DESCRIPTION}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidArgument(f"image rejected as a decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:

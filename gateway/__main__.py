@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import dataclass
 
 from clipsearch.errors import ClipsearchError
 from clipsearch.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
@@ -17,20 +18,44 @@ from clipsearch.server.settings import SettingsError
 
 from gateway.auth import ApiKeys, AuthInterceptor
 from gateway.engine import Gateway
+from gateway.imports import ImportJobs
+from gateway.repair import RepairJobs
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings, load_gateway_settings
 
 
-def build_service(settings: GatewaySettings) -> tuple[GrpcService, Gateway]:
+@dataclass
+class Parts:
+    engine: Gateway
+    imports: ImportJobs
+    repairs: RepairJobs
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self.imports.start()
+        await self.repairs.start()
+
+    async def close(self) -> None:
+        await self.imports.close()
+        await self.repairs.close()
+        await self.engine.close()
+
+
+def build_service(settings: GatewaySettings) -> tuple[GrpcService, Parts]:
     engine = Gateway(settings)
+    parts = Parts(
+        engine,
+        ImportJobs(settings, engine.collections, engine.ingestor),
+        RepairJobs(settings, engine.collections, engine.shards, engine.storage, engine.ingestor),
+    )
     keys = ApiKeys(settings.api_keys, settings.api_keys_file)
     registration = Registration(
         gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"],
         gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server,
-        GatewayServicer(engine),
+        GatewayServicer(engine, parts.imports, parts.repairs),
     )
     service = GrpcService(settings, [registration], name="gateway", extra_interceptors=[AuthInterceptor(keys)])
-    return service, engine
+    return service, parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(settings: GatewaySettings) -> None:
     # Built inside the running loop: grpc.aio channels belong to the loop that made them.
-    service, engine = build_service(settings)
-    await run_until_signalled(service, load=engine.start, shutdown=engine.close, port_file=settings.port_file)
+    service, parts = build_service(settings)
+    await run_until_signalled(service, load=parts.start, shutdown=parts.close, port_file=settings.port_file)
 
 
 if __name__ == "__main__":

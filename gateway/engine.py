@@ -1,6 +1,7 @@
-"""The gateway engine: wires collections, search, ingest, imports and repair
-over the encoder, the index shards and image storage, and serves the image
-reads and deletes. Plain types in and out (gateway.types); no gRPC, no protos.
+"""The gateway engine: wires collections, search and ingest over the encoder,
+the index shards and image storage, and serves the image reads and deletes.
+Plain types in and out (gateway.types); no gRPC, no protos. Import and repair
+jobs are built beside it (``gateway.__main__``) from its parts.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from clipsearch.errors import ClipsearchError, NotFound
 from gateway.collections import Collections
 from gateway.deadline import Deadline
 from gateway.encoder import EncoderClient
-from gateway.imports import ImportJobs
 from gateway.ingest import META_CONTENT_TYPE, META_SIZE, Ingestor
-from gateway.repair import RepairJobs
 from gateway.search import PageTokens
 from gateway.searcher import Searcher
 from gateway.settings import GatewaySettings
@@ -45,8 +44,6 @@ class Gateway:
         self.collections = Collections(settings, self.shards, self.storage, self.encoder)
         self.ingestor = Ingestor(settings, self.collections, self.encoder, self.shards, self.storage)
         self.searcher = Searcher(settings, self.collections, self.encoder, self.shards, self.storage, self.tokens)
-        self.imports = ImportJobs(settings, self.collections, self.ingestor)
-        self.repairs = RepairJobs(settings, self.collections, self.shards, self.storage, self.ingestor)
         self._upkeep: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -65,16 +62,12 @@ class Gateway:
             except ClipsearchError as exc:
                 log.warning("default collection not checked yet (%s); retrying in the background", exc.message)
         self._upkeep = asyncio.get_running_loop().create_task(self.collections.maintain(), name="collection-upkeep")
-        await self.imports.start()
-        await self.repairs.start()
 
     async def close(self) -> None:
         if self._upkeep is not None:
             self._upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._upkeep
-        await self.imports.close()
-        await self.repairs.close()
         await self.encoder.close()
         await self.shards.close()
         self.storage.close()

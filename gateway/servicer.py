@@ -18,6 +18,8 @@ from clipsearch.metadata import metadata_to_proto, value_from_proto
 from gateway import types
 from gateway.deadline import Deadline
 from gateway.engine import Gateway
+from gateway.imports import ImportJobs
+from gateway.repair import RepairJobs
 
 AGGREGATIONS = {gpb.AGGREGATION_UNSPECIFIED: types.AGGREGATION_MEAN, gpb.AGGREGATION_MEAN: types.AGGREGATION_MEAN,
                 gpb.AGGREGATION_MAX: types.AGGREGATION_MAX}
@@ -130,8 +132,10 @@ def repair_job_out(job: types.RepairJob) -> gpb.RepairJob:
 
 
 class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, engine: Gateway):
+    def __init__(self, engine: Gateway, imports: ImportJobs, repairs: RepairJobs):
         self.engine = engine
+        self.imports = imports
+        self.repairs = repairs
 
     async def SearchImages(self, request, context):
         result = await self.engine.search(search_in(request), deadline_of(context))
@@ -165,19 +169,19 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         return gpb.DeleteImageResponse()
 
     async def ImportImages(self, request, context):
-        job = await self.engine.imports.import_images(request.collection, request.source,
+        job = await self.imports.import_images(request.collection, request.source,
                                                       metadata_in(request.metadata))
         return gpb.ImportImagesResponse(job=import_job_out(job))
 
     async def GetImportJob(self, request, context):
-        return gpb.GetImportJobResponse(job=import_job_out(self.engine.imports.get(request.job_id)))
+        return gpb.GetImportJobResponse(job=import_job_out(self.imports.get(request.job_id)))
 
     async def RepairCollection(self, request, context):
-        job = await self.engine.repairs.repair(request.collection, request.dry_run)
+        job = await self.repairs.repair(request.collection, request.dry_run)
         return gpb.RepairCollectionResponse(job=repair_job_out(job))
 
     async def GetRepairJob(self, request, context):
-        return gpb.GetRepairJobResponse(job=repair_job_out(self.engine.repairs.get(request.job_id)))
+        return gpb.GetRepairJobResponse(job=repair_job_out(self.repairs.get(request.job_id)))
 
     async def CreateCollection(self, request, context):
         collection = await self.engine.create_collection(request.name, request.index_spec, request.num_shards,

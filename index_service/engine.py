@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -47,6 +46,8 @@ from clipsearch.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from clipsearch.names import check_collection_name
+from clipsearch.paging import clamp_page_size
 from index_service.backup import S3Backup
 from index_service.collection import MANIFEST, Collection, WouldBlock
 from index_service.filters import FilterSpec, parse_filter
@@ -64,7 +65,6 @@ MAX_SHARDS = 64
 MAX_FINGERPRINT_LENGTH = 512
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 # k-means training sample: this many points per centroid (FAISS warns below 39).
 TRAIN_POINTS_PER_CENTROID = 40
 
@@ -259,12 +259,7 @@ class IndexEngine:
         """Creates an empty collection. ``metric`` is "ip" (inner product) or "l2"
         (score = -squared distance); ``index_spec`` is a FAISS factory string."""
         store = self._store()
-        if not NAME_PATTERN.match(name or ""):
-            raise InvalidArgument(
-                f"collection name {name!r} must be 1-128 characters of letters, digits, '_', '.', ':' or '-', "
-                "starting with a letter or digit",
-                field="name",
-            )
+        check_collection_name(name, field="name")
         if not 1 <= dim <= MAX_DIM:
             raise InvalidArgument(f"dim must be between 1 and {MAX_DIM}, got {dim}", field="dim")
         if metric not in ("ip", "l2"):
@@ -294,7 +289,7 @@ class IndexEngine:
     def list_collections(self, page_size: int = 0, page_token: str = "") -> tuple[list[CollectionInfo], str]:
         """Collections in name order after ``page_token``; returns (page, next_page_token or "")."""
         self._store()
-        size = _page_size(page_size)
+        size = clamp_page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         collections = dict(self._collections)
         names = sorted(name for name in collections if name > page_token)
         infos = [self._info(collections[name]) for name in names[:size]]
@@ -461,7 +456,7 @@ class IndexEngine:
     ) -> tuple[list[Record], str]:
         """Records with ids after ``page_token``, ascending; returns (page, next_page_token or "")."""
         col = self._collection(collection)
-        size = _page_size(page_size)
+        size = clamp_page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         rows = self._store().page(col.uid, page_token, size + 1, include_metadata)
         records = [
             Record(record_id, col.columns.decode(metadata) if include_metadata else None)
@@ -687,12 +682,6 @@ def _check_metadata(metadata: Sequence[Mapping[str, Any] | None] | None, count: 
         raise InvalidArgument(f"metadata has {len(metadata)} entries for {count} ids; send none or one per id",
                               field="metadata")
     return list(metadata)
-
-
-def _page_size(page_size: int) -> int:
-    if page_size < 0:
-        raise InvalidArgument("page_size must be >= 0", field="page_size")
-    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def _unpack(data: bytes | None) -> np.ndarray | None:

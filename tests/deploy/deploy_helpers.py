@@ -17,7 +17,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu", "minio")
-JOBS = ("bulk-import",)
+JOBS = ("bulk-import", "repair")
 # Prometheus Operator custom resources: kubernetes-validate ships schemas for
 # built-in kinds only, so these are checked structurally instead.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}

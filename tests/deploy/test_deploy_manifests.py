@@ -740,11 +740,50 @@ def test_bulk_import_job_covers_every_partition():
     parsed = cli.build_parser().parse_args(argv)
     assert parsed.source == partitions[0] and parsed.target == "gateway:50050"
     assert getattr(parsed, "quiet", False), "progress bars do not belong in pod logs"
-    # It dials the gateway Service on the gateway's port.
+    assert_dials_the_gateway(job, container)
+
+
+def assert_dials_the_gateway(job: dict, container: dict) -> None:
+    """The Job's GATEWAY is the gateway Service on the gateway's port, in the deployment's namespace."""
     host, _, port = literal_env(container)["GATEWAY"].rpartition(":")
     gateway_service = one(render("overlays/gpu"), "Service", host)
     assert int(port) in [p["port"] for p in gateway_service["spec"]["ports"]]
     assert job["metadata"]["namespace"] == "clipsearch"
+
+
+# ------------------------------------------------------------------ repair
+
+
+def test_repair_job_runs_the_cli_against_the_gateway():
+    objects = render("jobs/repair")
+    job = one(objects, "Job", "repair")
+    spec = job["spec"]
+    assert spec.get("completionMode", "NonIndexed") == "NonIndexed" and spec.get("completions", 1) == 1
+    assert spec.get("parallelism", 1) == 1, "two repairs of one collection would race"
+    assert spec["backoffLimit"] >= 1, "RepairCollection resumes after its cursor, so a retry continues the work"
+    [container] = spec["template"]["spec"]["containers"]
+    env = literal_env(container)
+    # Kubernetes expands $(VAR) in command and args from the container's env.
+    argv = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)], a)
+            for a in container["command"] + container.get("args", [])]
+    assert argv[:2] == ["clipsearch", "repair"]
+    cli = pytest.importorskip("clipsearch.cli", reason="the clipsearch CLI is not in the tree")
+    parsed = cli.build_parser().parse_args(argv[1:])
+    assert parsed.func is cli.cmd_repair
+    assert parsed.collection == env["COLLECTION"] and parsed.collection, "say which collection to repair"
+    assert parsed.target == env["GATEWAY"] and not parsed.dry_run
+    assert getattr(parsed, "quiet", False), "progress bars do not belong in pod logs"
+    assert_dials_the_gateway(job, container)
+    # Same image, pod security and API key as the bulk-import Job.
+    bulk = one(render("jobs/bulk-import"), "Job", "bulk-import")["spec"]["template"]["spec"]
+    bulk_container = bulk["containers"][0]
+    pod = spec["template"]["spec"]
+    assert container["image"] == bulk_container["image"]
+    assert pod["securityContext"] == bulk["securityContext"]
+    assert container["securityContext"] == bulk_container["securityContext"]
+    assert container["resources"] == bulk_container["resources"]
+    api_key = next(e for e in container["env"] if e["name"] == "CLIPSEARCH_API_KEY")
+    assert api_key == next(e for e in bulk_container["env"] if e["name"] == "CLIPSEARCH_API_KEY")
 
 
 # ---------------------------------------------------------- shutdown timing

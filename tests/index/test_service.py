@@ -8,25 +8,14 @@ import urllib.request
 
 import grpc
 import numpy as np
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 
 from clipsearch.common.v1 import common_pb2
 from clipsearch.index.v1 import index_service_pb2 as pb
+from clipsearch.status import error_from_rpc
 from clipsearch.vectors import pack_matrix, unpack_vector
 from tests.index.helpers import DIM, observe, search_request, seed_collections, unit_rows, upsert_request
-
-
-def bad_field(error: grpc.RpcError) -> str | None:
-    status = rpc_status.from_call(error)
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            return bad_request.field_violations[0].field
-    return None
 
 
 def test_bad_input_gets_its_status_and_nothing_is_stored(start_index):
@@ -91,6 +80,7 @@ def test_bad_input_gets_its_status_and_nothing_is_stored(start_index):
             name="d", dim=DIM, index_spec="IVF16,PQ3")), invalid, "index_spec"),
         ("dim 0", (stub.CreateCollection, pb.CreateCollectionRequest(name="d", dim=0)), invalid, "dim"),
         ("bad name", (stub.CreateCollection, pb.CreateCollectionRequest(name="a/b", dim=DIM)), invalid, "name"),
+        ("dotted name", (stub.CreateCollection, pb.CreateCollectionRequest(name="a.b", dim=DIM)), invalid, "name"),
         ("get unknown", (stub.GetCollection, pb.GetCollectionRequest(name="nope")), not_found, "collection"),
         ("delete unknown collection", (stub.DeleteCollection, pb.DeleteCollectionRequest(name="nope")), not_found,
          "collection"),
@@ -109,8 +99,8 @@ def test_bad_input_gets_its_status_and_nothing_is_stored(start_index):
         except grpc.RpcError as error:
             if error.code() != code:
                 failures.append(f"{name}: {error.code().name} {error.details()}")
-            elif field is not None and bad_field(error) != field:
-                failures.append(f"{name}: field {bad_field(error)!r}, expected {field!r} ({error.details()})")
+            elif field is not None and (sent := error_from_rpc(error).field) != field:
+                failures.append(f"{name}: field {sent!r}, expected {field!r} ({error.details()})")
             elif field == "index_spec" and "Examples" not in error.details():
                 failures.append(f"{name}: message lists no examples: {error.details()}")
     assert not failures, "\n".join(failures)

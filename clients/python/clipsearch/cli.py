@@ -5,6 +5,7 @@
     clipsearch search "a red circle"     # table of results (or --json)
     clipsearch search --image cat.jpg --top-k 5 --filter album=pets
     clipsearch demo                      # all of the above, then shut down
+    clipsearch repair --dry-run          # what a repair of the collection would fix
 
 Commands find the stack that ``up`` started; ``--target HOST:PORT`` (or
 CLIPSEARCH_TARGET) points them at any gateway instead.
@@ -21,10 +22,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from clipsearch.client import DEFAULT_TARGET, Client, SearchResults, TlsConfig
-from clipsearch.errors import ClipsearchError
+from clipsearch.errors import ClipsearchError, NotFound
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 DEMO_QUERIES = ["a red circle", "a blue square", "a yellow star"]
@@ -158,23 +159,31 @@ def import_folder(client: Client, folder: Path, *, batch_size: int = 16, metadat
     return counts
 
 
-def import_s3(client: Client, source: str, *, progress: bool = True) -> dict[str, int]:
-    """Starts (or resumes) a server-side import job and follows it with a progress bar."""
+def follow_job(job, poll: Callable[[str], Any], *, desc: str, unit: str, position: Callable[[Any], int],
+               total: Callable[[Any], int | None] = lambda job: None, progress: bool = True):
+    """Follows a server-side job (import, repair) with a progress bar until it ends,
+    polling ``poll(job_id)``; prints the first errors and returns the final job."""
     from tqdm import tqdm
 
-    job = client.import_images(source)
-    bar = tqdm(total=job.total or None, unit="img", desc="import", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total(job), unit=unit, desc=desc, disable=not progress, dynamic_ncols=True)
     while True:
-        bar.total = job.total if job.listing_done else max(job.total, bar.total or 0)
-        bar.n = job.processed
+        bar.total = total(job)
+        bar.n = position(job)
         bar.refresh()
         if job.done:
             break
         time.sleep(0.5)
-        job = client.get_import_job(job.job_id)
+        job = poll(job.job_id)
     bar.close()
     for key, message in job.errors[:20]:
         print(f"  failed: {key}: {message}", file=sys.stderr)
+    return job
+
+
+def import_s3(client: Client, source: str, *, progress: bool = True) -> dict[str, int]:
+    """Starts (or resumes) a server-side import job and follows it with a progress bar."""
+    job = follow_job(client.import_images(source), client.get_import_job, desc="import", unit="img",
+                     position=lambda j: j.processed, total=lambda j: j.total or None, progress=progress)
     if job.state == "FAILED":
         raise SystemExit(f"error: import job {job.job_id} failed")
     return {"found": job.total, "imported": job.imported, "skipped": job.skipped, "failed": job.failed}
@@ -292,8 +301,12 @@ def cmd_collections(args) -> int:
         if args.action == "create":
             collections = [client.create_collection(args.name, index_spec=args.index_spec)]
         elif args.action == "delete":
-            client.delete_collection(args.name)
-            print(f"deleted collection {args.name}")
+            deletion = client.delete_collection(args.name)
+            if deletion.pending:
+                print(f"deleted collection {args.name}; pending: waiting for shards "
+                      f"{', '.join(deletion.waiting_for_shards)} (the gateway finishes when they return)")
+            else:
+                print(f"deleted collection {args.name}")
             return 0
         else:
             collections = client.list_collections()
@@ -302,6 +315,36 @@ def cmd_collections(args) -> int:
         print(f"  {c.name:<20} {c.vector_count:>10} {c.dim:>5} {c.index_spec:<16} {str(c.trained):<8} "
               f"{c.memory_bytes:>12}")
     return 0
+
+
+REPAIR_COUNTS = ("checked", "reindexed", "dropped", "removed", "failed")
+
+
+def cmd_repair(args) -> int:
+    """Starts (or resumes) a repair of the collection and follows it to the end."""
+    with make_client(args) as client:
+        def poll(job_id: str):
+            try:
+                return client.get_repair_job(job_id)
+            except NotFound:
+                # Another gateway replica answered; starting again resumes the same repair there.
+                return client.repair(dry_run=args.dry_run)
+
+        job = follow_job(client.repair(dry_run=args.dry_run), poll, desc="repair", unit="id",
+                         position=lambda j: j.checked, progress=not args.quiet)
+    counts = {name: getattr(job, name) for name in REPAIR_COUNTS}
+    if args.json:
+        print(json.dumps({"job_id": job.job_id, "collection": job.collection, "state": job.state,
+                          "dry_run": job.dry_run, **counts, "dropped_ids": job.dropped_ids}))
+    else:
+        print(f"{job.state.lower()}{' (dry run: nothing changed)' if job.dry_run else ''}  "
+              + "  ".join(f"{k}={v}" for k, v in counts.items()))
+        shown = job.dropped_ids[:20]
+        for image_id in shown:
+            print(f"  dropped: {image_id}")
+        if job.dropped > len(shown):
+            print(f"  ... and {job.dropped - len(shown)} more dropped")
+    return 0 if job.state == "SUCCEEDED" else 1
 
 
 def cmd_stats(args) -> int:
@@ -443,6 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="")
     p.add_argument("--index-spec", default="Flat", help="FAISS spec for create: Flat, IVF1024,Flat, HNSW32, ...")
     p.set_defaults(func=cmd_collections)
+    p = sub.add_parser("repair", parents=[common], help="re-index orphaned images, drop entries of missing ones",
+                       description="Starts (or resumes) a repair of the collection on the gateway and follows it: "
+                                   "stored images missing from the index are indexed again, index entries whose "
+                                   "image is gone are dropped (and listed). Exit status 1 when the repair failed.")
+    p.add_argument("--dry-run", action="store_true", help="only count what would be fixed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_repair)
     p = sub.add_parser("stats", parents=[common], help="collections and local stack status as JSON")
     p.set_defaults(func=cmd_stats)
     p = sub.add_parser("eval", parents=[common], help="retrieval accuracy (Recall@1/5, MRR, NDCG@10)",

@@ -17,6 +17,7 @@ retried on ``UNAVAILABLE`` with exponential backoff, and every call has a deadli
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -38,8 +39,10 @@ SERVICE = "clipsearch.gateway.v1.GatewayService"
 # content-addressed, imports are keyed by source).
 IDEMPOTENT_METHODS = [
     "SearchImages", "GetImage", "ListImages", "GetImportJob", "GetCollection", "ListCollections",
-    "UploadImages", "ImportImages", "DeleteImage",
+    "UploadImages", "ImportImages", "DeleteImage", "RepairCollection", "GetRepairJob",
 ]
+# SearchHit fields a search returns when metadata is not wanted (read_mask).
+HIT_FIELDS_WITHOUT_METADATA = ["id", "score", "url"]
 
 
 @dataclasses.dataclass
@@ -95,8 +98,16 @@ class UploadResult:
         return self.error_code is None
 
 
+class _Job:
+    state: str  # RUNNING, SUCCEEDED, FAILED
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("SUCCEEDED", "FAILED")
+
+
 @dataclasses.dataclass
-class ImportJob:
+class ImportJob(_Job):
     job_id: str
     collection: str
     source: str
@@ -109,9 +120,35 @@ class ImportJob:
     listing_done: bool
     errors: list[tuple[str, str]]
 
-    @property
-    def done(self) -> bool:
-        return self.state in ("SUCCEEDED", "FAILED")
+
+@dataclasses.dataclass
+class RepairJob(_Job):
+    """A server-side repair of one collection (``Client.repair``); counts grow while it runs."""
+
+    job_id: str
+    collection: str
+    dry_run: bool
+    state: str  # RUNNING, SUCCEEDED, FAILED
+    checked: int
+    reindexed: int
+    dropped: int
+    removed: int
+    failed: int
+    # The first index entries dropped because their image was gone: upload them again.
+    dropped_ids: list[str]
+    # (id, message) for the first ids that could not be fixed.
+    errors: list[tuple[str, str]]
+    create_time: datetime.datetime | None = None
+    update_time: datetime.datetime | None = None
+
+
+@dataclasses.dataclass
+class CollectionDeletion:
+    """``pending``: some index shards were unreachable; the gateway finishes the
+    deletion when they return (``waiting_for_shards`` names them)."""
+
+    pending: bool
+    waiting_for_shards: list[str]
 
 
 @dataclasses.dataclass
@@ -159,7 +196,8 @@ def _image_bytes(image: bytes | str | Path) -> bytes:
 
 def _search_request(collection: str, *, text=None, image=None, image_id=None, vector=None, parts=None,
                     aggregation="mean", positive_ids=(), negative_ids=(), top_k=10, min_score=None,
-                    filter=None, diversity=0.0, page_size=0, page_token="", nprobe=0, ef_search=0):
+                    filter=None, diversity=0.0, page_size=0, page_token="", nprobe=0, ef_search=0,
+                    with_metadata=True):
     query = [Query.text(text)] if text is not None else []
     if image is not None:
         query.append(Query.image(image))
@@ -182,6 +220,8 @@ def _search_request(collection: str, *, text=None, image=None, image_id=None, ve
     if positive_ids or negative_ids:
         request.feedback.positive_ids.extend(positive_ids)
         request.feedback.negative_ids.extend(negative_ids)
+    if not with_metadata:
+        request.read_mask.paths.extend(HIT_FIELDS_WITHOUT_METADATA)
     return request
 
 
@@ -207,12 +247,30 @@ def _parse_upload(response) -> list[UploadResult]:
     return results
 
 
+def _job_errors(job) -> list[tuple[str, str]]:
+    return [(e.source_key, e.status.message) for e in job.errors]
+
+
 def _parse_job(job) -> ImportJob:
     return ImportJob(
         job_id=job.job_id, collection=job.collection, source=job.source,
         state=pb.ImportState.Name(job.state).removeprefix("IMPORT_STATE_"), total=job.total,
         processed=job.processed, imported=job.imported, skipped=job.skipped, failed=job.failed,
-        listing_done=job.listing_done, errors=[(e.source_key, e.status.message) for e in job.errors],
+        listing_done=job.listing_done, errors=_job_errors(job),
+    )
+
+
+def _time(job, field: str) -> datetime.datetime | None:
+    return getattr(job, field).ToDatetime(tzinfo=datetime.timezone.utc) if job.HasField(field) else None
+
+
+def _parse_repair_job(job) -> RepairJob:
+    return RepairJob(
+        job_id=job.job_id, collection=job.collection, dry_run=job.dry_run,
+        state=pb.RepairState.Name(job.state).removeprefix("REPAIR_STATE_"), checked=job.checked,
+        reindexed=job.reindexed, dropped=job.dropped, removed=job.removed, failed=job.failed,
+        dropped_ids=list(job.dropped_ids), errors=_job_errors(job),
+        create_time=_time(job, "create_time"), update_time=_time(job, "update_time"),
     )
 
 
@@ -284,15 +342,16 @@ class _ClientBase:
                aggregation: str = "mean", positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
                top_k: int = 10, min_score: float | None = None, filter: Mapping[str, Any] | None = None,
                diversity: float = 0.0, page_size: int = 0, page_token: str = "", nprobe: int = 0,
-               ef_search: int = 0, collection: str | None = None):
+               ef_search: int = 0, collection: str | None = None, with_metadata: bool = True):
         """Search by text, image (path or bytes), stored image id, raw vector, or several ``parts``
         (combined by ``aggregation``: "mean" or "max"). ``filter``: {"key": value | [values] |
-        {"gte": x, "lt": y}}. Feedback: ``positive_ids`` / ``negative_ids``."""
+        {"gte": x, "lt": y}}. Feedback: ``positive_ids`` / ``negative_ids``. ``with_metadata=False``
+        returns hits with empty metadata and lets the index take its fastest path."""
         request = _search_request(
             self._collection(collection), text=text, image=image, image_id=image_id, vector=vector, parts=parts,
             aggregation=aggregation, positive_ids=positive_ids, negative_ids=negative_ids, top_k=top_k,
             min_score=min_score, filter=filter, diversity=diversity, page_size=page_size, page_token=page_token,
-            nprobe=nprobe, ef_search=ef_search)
+            nprobe=nprobe, ef_search=ef_search, with_metadata=with_metadata)
         return self._call("SearchImages", request, _parse_search)
 
     def upload(self, items: Sequence[bytes | tuple[bytes, Mapping[str, MetadataScalar] | None]], *,
@@ -325,6 +384,16 @@ class _ClientBase:
     def get_import_job(self, job_id: str):
         return self._call("GetImportJob", pb.GetImportJobRequest(job_id=job_id), lambda r: _parse_job(r.job))
 
+    def repair(self, collection: str | None = None, *, dry_run: bool = False):
+        """Starts (or resumes) a repair of the collection: stored images missing from the index are
+        re-indexed, index entries whose image is gone are dropped. ``dry_run`` only counts.
+        Follow it with ``get_repair_job`` until ``done``."""
+        request = pb.RepairCollectionRequest(collection=self._collection(collection), dry_run=dry_run)
+        return self._call("RepairCollection", request, lambda r: _parse_repair_job(r.job))
+
+    def get_repair_job(self, job_id: str):
+        return self._call("GetRepairJob", pb.GetRepairJobRequest(job_id=job_id), lambda r: _parse_repair_job(r.job))
+
     def get(self, image_id: str, *, collection: str | None = None):
         request = pb.GetImageRequest(collection=self._collection(collection), id=image_id)
         return self._call("GetImage", request, lambda r: _parse_image(r.image))
@@ -352,7 +421,9 @@ class _ClientBase:
                           lambda r: [_parse_collection(c) for c in r.collections])
 
     def delete_collection(self, name: str):
-        return self._call("DeleteCollection", pb.DeleteCollectionRequest(name=name), lambda r: None)
+        """Deletes a collection; the result says whether some shards still have to catch up."""
+        return self._call("DeleteCollection", pb.DeleteCollectionRequest(name=name),
+                          lambda r: CollectionDeletion(r.pending, list(r.waiting_for_shards)))
 
 
 def _translate(error: grpc.RpcError) -> ClipsearchError:

@@ -1,7 +1,7 @@
 """One error hierarchy for engines, servicers and the client SDK.
 
-Engines raise these without knowing gRPC; the shared server interceptor turns
-them into gRPC statuses, and the SDK turns gRPC statuses back into them.
+Engines raise these without knowing gRPC; ``clipsearch.status`` turns them
+into gRPC statuses for the servers and turns statuses back into them for callers.
 ``code`` is the name of the matching ``grpc.StatusCode``.
 """
 

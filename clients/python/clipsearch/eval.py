@@ -67,7 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+from clipsearch.image_formats import FILE_EXTENSIONS, is_image_file_name
+
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 DEFAULT_SYNTHETIC_SEED = 1234
@@ -177,14 +178,15 @@ def list_image_files(images_dir: Path) -> dict[str, Path]:
     return {
         path.relative_to(images_dir).as_posix(): path
         for path in sorted(images_dir.rglob("*"))
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+        if path.is_file() and is_image_file_name(path.name)
     }
 
 
 def load_queries_dataset(entries: list, images_dir: Path, name: str) -> EvalDataset:
     images = list_image_files(images_dir)
     if not images:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {images_dir}; check --images")
+        extensions = ", ".join(sorted(FILE_EXTENSIONS))
+        raise FileNotFoundError(f"no image files ({extensions}) under {images_dir}; check --images")
     aliases: dict[str, str] = {}
     for key in images:
         aliases.setdefault(Path(key).stem, key)

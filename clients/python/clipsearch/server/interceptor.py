@@ -1,5 +1,5 @@
 """The server interceptor every service uses: gRPC metrics, request ids, and
-the mapping of engine errors (``clipsearch.errors``) to gRPC statuses."""
+engine errors (``clipsearch.errors``) sent as rich gRPC statuses (``clipsearch.status``)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ import os
 import time
 
 import grpc
-from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram
 
 from clipsearch.errors import ClipsearchError, InvalidArgument
 from clipsearch.server.logs import REQUEST_ID
+from clipsearch.status import status_for_error
 
 log = logging.getLogger(__name__)
 
@@ -53,26 +51,6 @@ def _tolerant(deserializer):
             return _Undecodable(str(exc) or type(exc).__name__)
 
     return deserialize
-
-
-def status_for_error(error: ClipsearchError) -> grpc.Status:
-    """A rich gRPC status (google.rpc details) for an engine error."""
-    grpc.StatusCode[error.code]
-    details = []
-    if error.field:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(bad_request)
-        details.append(packed)
-    if error.reason:
-        info = error_details_pb2.ErrorInfo(reason=error.reason, domain="clipsearch")
-        packed = any_pb2.Any()
-        packed.Pack(info)
-        details.append(packed)
-    status = status_pb2.Status(code=getattr(code_pb2, error.code), message=error.message, details=details)
-    return rpc_status.to_status(status)
 
 
 class _MethodMetrics:

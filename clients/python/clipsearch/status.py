@@ -1,0 +1,65 @@
+"""gRPC statuses to and from ``clipsearch.errors`` exceptions, with the
+google.rpc details that carry an error's ``field`` (BadRequest) and ``reason``
+(ErrorInfo). Servers send with ``status_for_error``; clients, the SDK and
+services calling each other read back with ``error_from_rpc``."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from clipsearch.errors import ClipsearchError, error_for_code
+
+ERROR_DOMAIN = "clipsearch"
+
+
+def status_for_error(error: ClipsearchError) -> grpc.Status:
+    """A rich gRPC status for an error: its code and message, plus its field and reason when set."""
+    details = []
+    if error.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))
+    if error.reason:
+        details.append(_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)))
+    status = status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message, details=details)
+    return rpc_status.to_status(status)
+
+
+def error_from_rpc(error: grpc.RpcError) -> ClipsearchError:
+    """The ``clipsearch.errors`` exception for a failed call (sync or asyncio), with the field
+    and reason the server attached. Missing or malformed details are ignored."""
+    if isinstance(error, (grpc.Call, grpc.aio.AioRpcError)):
+        code, message = error.code(), error.details()
+    else:  # a bare RpcError carries no status
+        code, message = None, str(error)
+    exc = error_for_code(code.name if code else "UNKNOWN", message or "")
+    exc.field, exc.reason = _field_and_reason(error)
+    return exc
+
+
+def _packed(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _field_and_reason(error: grpc.RpcError) -> tuple[str | None, str | None]:
+    """The first violated field (google.rpc.BadRequest) and the reason (google.rpc.ErrorInfo), when sent."""
+    try:
+        status = rpc_status.from_call(error)
+    except Exception:  # noqa: BLE001 - not a call, or details that do not parse or match the status
+        return None, None
+    field = reason = None
+    for detail in status.details if status is not None else ():
+        if field is None and detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            if detail.Unpack(bad_request) and bad_request.field_violations:
+                field = bad_request.field_violations[0].field or None
+        elif reason is None and detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reason = info.reason or None
+    return field, reason
