@@ -26,8 +26,8 @@ from typing import Any, Callable, Sequence
 
 from clipsearch.client import DEFAULT_TARGET, Client, SearchResults, TlsConfig
 from clipsearch.errors import ClipsearchError, NotFound
+from clipsearch.image_formats import is_image_file_name
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 DEMO_QUERIES = ["a red circle", "a blue square", "a yellow star"]
 
 
@@ -109,7 +109,7 @@ def results_json(results: SearchResults) -> str:
 # -- import ------------------------------------------------------------------------
 
 def list_image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file_name(p.name))
 
 
 def import_checkpoint_path(target: str, folder: Path, collection: str) -> Path:

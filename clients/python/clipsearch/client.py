@@ -10,7 +10,8 @@
 Both clients have the same methods; on ``AsyncClient`` they are awaited.
 Results are plain dataclasses. Failed calls raise ``clipsearch.errors``
 exceptions (``InvalidArgument``, ``NotFound``, ``Unauthenticated``, ...) that
-carry the gRPC ``code`` name and the server's message. Idempotent calls are
+carry the gRPC ``code`` name, the server's message, and the request ``field``
+and ``reason`` the server named. Idempotent calls are
 retried on ``UNAVAILABLE`` with exponential backoff, and every call has a deadline.
 """
 
@@ -25,12 +26,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import grpc
 import numpy as np
 
-from clipsearch.errors import ClipsearchError, error_for_code
 from clipsearch.gateway.v1 import gateway_service_pb2 as pb
 from clipsearch.gateway.v1 import gateway_service_pb2_grpc
 from clipsearch.index.v1 import index_service_pb2
 from clipsearch.item_status import OK, code_name
 from clipsearch.metadata import MetadataScalar, filter_to_proto, metadata_from_proto, metadata_to_proto
+from clipsearch.status import error_from_rpc
 from clipsearch.vectors import pack_vector
 
 DEFAULT_TARGET = "127.0.0.1:50050"
@@ -426,11 +427,6 @@ class _ClientBase:
                           lambda r: CollectionDeletion(r.pending, list(r.waiting_for_shards)))
 
 
-def _translate(error: grpc.RpcError) -> ClipsearchError:
-    code = error.code()
-    return error_for_code(code.name if code else "UNKNOWN", error.details() or "")
-
-
 class Client(_ClientBase):
     """Blocking client. Use as a context manager or call ``close()``."""
 
@@ -446,7 +442,7 @@ class Client(_ClientBase):
         try:
             response = getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise _translate(error) from None
+            raise error_from_rpc(error) from None
         return parse(response)
 
     def iter_images(self, *, page_size: int = 500, collection: str | None = None) -> Iterator[Image]:
@@ -484,7 +480,7 @@ class AsyncClient(_ClientBase):
             response = await getattr(self._stub, method)(request, timeout=timeout or self.timeout,
                                                          metadata=self._metadata)
         except grpc.RpcError as error:
-            raise _translate(error) from None
+            raise error_from_rpc(error) from None
         return parse(response)
 
     async def close(self) -> None:
