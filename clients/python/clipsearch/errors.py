@@ -11,13 +11,17 @@ from __future__ import annotations
 class ClipsearchError(Exception):
     code = "UNKNOWN"
 
-    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None):
+    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.message = message
         # The request field at fault (reported as a google.rpc.BadRequest violation).
         self.field = field
         # A short machine-readable reason (reported as google.rpc.ErrorInfo).
         self.reason = reason
+        # Seconds after which a retry may succeed (google.rpc.RetryInfo and a
+        # ``retry-after-ms`` trailer); None when the server gave no hint.
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

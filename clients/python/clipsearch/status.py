@@ -6,7 +6,7 @@ services calling each other read back with ``error_from_rpc``."""
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -14,6 +14,9 @@ from grpc_status import rpc_status
 from clipsearch.errors import ClipsearchError, error_for_code
 
 ERROR_DOMAIN = "clipsearch"
+# Trailer with an error's retry hint in milliseconds, for callers that do not parse
+# google.rpc.RetryInfo (it carries the same figure).
+RETRY_AFTER_TRAILER = "retry-after-ms"
 
 
 def status_for_error(error: ClipsearchError) -> grpc.Status:
@@ -24,8 +27,16 @@ def status_for_error(error: ClipsearchError) -> grpc.Status:
         details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))
     if error.reason:
         details.append(_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)))
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(max(0, round(error.retry_after * 1000)))
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message, details=details)
-    return rpc_status.to_status(status)
+    rich = rpc_status.to_status(status)
+    if error.retry_after is None:
+        return rich
+    trailer = (RETRY_AFTER_TRAILER, str(max(0, round(error.retry_after * 1000))))
+    return rich._replace(trailing_metadata=(*rich.trailing_metadata, trailer))
 
 
 def error_from_rpc(error: grpc.RpcError) -> ClipsearchError:
@@ -36,7 +47,7 @@ def error_from_rpc(error: grpc.RpcError) -> ClipsearchError:
     else:  # a bare RpcError carries no status
         code, message = None, str(error)
     exc = error_for_code(code.name if code else "UNKNOWN", message or "")
-    exc.field, exc.reason = _field_and_reason(error)
+    exc.field, exc.reason, exc.retry_after = _field_reason_and_retry(error)
     return exc
 
 
@@ -46,13 +57,14 @@ def _packed(message: Message) -> any_pb2.Any:
     return packed
 
 
-def _field_and_reason(error: grpc.RpcError) -> tuple[str | None, str | None]:
-    """The first violated field (google.rpc.BadRequest) and the reason (google.rpc.ErrorInfo), when sent."""
+def _field_reason_and_retry(error: grpc.RpcError) -> tuple[str | None, str | None, float | None]:
+    """The first violated field (google.rpc.BadRequest), the reason (google.rpc.ErrorInfo) and the
+    retry delay in seconds (google.rpc.RetryInfo), when sent."""
     try:
         status = rpc_status.from_call(error)
     except Exception:  # noqa: BLE001 - not a call, or details that do not parse or match the status
-        return None, None
-    field = reason = None
+        return None, None, None
+    field = reason = retry_after = None
     for detail in status.details if status is not None else ():
         if field is None and detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad_request = error_details_pb2.BadRequest()
@@ -62,4 +74,8 @@ def _field_and_reason(error: grpc.RpcError) -> tuple[str | None, str | None]:
             info = error_details_pb2.ErrorInfo()
             if detail.Unpack(info):
                 reason = info.reason or None
-    return field, reason
+        elif retry_after is None and detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            if detail.Unpack(retry):
+                retry_after = retry.retry_delay.ToMilliseconds() / 1000
+    return field, reason, retry_after
