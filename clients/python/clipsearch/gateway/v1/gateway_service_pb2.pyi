@@ -71,7 +71,7 @@ class Feedback(_message.Message):
     def __init__(self, positive_ids: _Optional[_Iterable[str]] = ..., negative_ids: _Optional[_Iterable[str]] = ..., positive_weight: _Optional[float] = ..., negative_weight: _Optional[float] = ...) -> None: ...
 
 class SearchImagesRequest(_message.Message):
-    __slots__ = ("collection", "parts", "aggregation", "feedback", "top_k", "min_score", "filter", "diversity", "page_size", "page_token", "params", "read_mask")
+    __slots__ = ("collection", "parts", "aggregation", "feedback", "top_k", "min_score", "filter", "diversity", "page_size", "page_token", "params", "read_mask", "url_ttl_seconds")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class SearchImagesRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     READ_MASK_FIELD_NUMBER: _ClassVar[int]
+    URL_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     collection: str
     parts: _containers.RepeatedCompositeFieldContainer[QueryPart]
     aggregation: Aggregation
@@ -96,7 +97,8 @@ class SearchImagesRequest(_message.Message):
     page_token: str
     params: _common_pb2.SearchParams
     read_mask: _field_mask_pb2.FieldMask
-    def __init__(self, collection: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[QueryPart, _Mapping]]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ..., top_k: _Optional[int] = ..., min_score: _Optional[float] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., diversity: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., read_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+    url_ttl_seconds: int
+    def __init__(self, collection: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[QueryPart, _Mapping]]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ..., top_k: _Optional[int] = ..., min_score: _Optional[float] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., diversity: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., read_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ..., url_ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("id", "score", "metadata", "url")
@@ -171,12 +173,14 @@ class Image(_message.Message):
     def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., metadata: _Optional[_Union[_common_pb2.Metadata, _Mapping]] = ..., size_bytes: _Optional[int] = ..., content_type: _Optional[str] = ...) -> None: ...
 
 class GetImageRequest(_message.Message):
-    __slots__ = ("collection", "id")
+    __slots__ = ("collection", "id", "url_ttl_seconds")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    URL_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     collection: str
     id: str
-    def __init__(self, collection: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+    url_ttl_seconds: int
+    def __init__(self, collection: _Optional[str] = ..., id: _Optional[str] = ..., url_ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class GetImageResponse(_message.Message):
     __slots__ = ("image",)
@@ -185,14 +189,16 @@ class GetImageResponse(_message.Message):
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
 
 class ListImagesRequest(_message.Message):
-    __slots__ = ("collection", "page_size", "page_token")
+    __slots__ = ("collection", "page_size", "page_token", "url_ttl_seconds")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    URL_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     collection: str
     page_size: int
     page_token: str
-    def __init__(self, collection: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    url_ttl_seconds: int
+    def __init__(self, collection: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., url_ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class ListImagesResponse(_message.Message):
     __slots__ = ("images", "next_page_token")

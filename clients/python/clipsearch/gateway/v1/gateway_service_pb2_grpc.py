@@ -30,7 +30,10 @@ class GatewayServiceStub:
     text, by image, or by several queries at once.
 
     Every request may carry `authorization: Bearer <key>` metadata; when the
-    gateway has API keys configured, a missing or wrong key is UNAUTHENTICATED.
+    gateway has API keys configured, a missing or wrong key is UNAUTHENTICATED,
+    and a key without the scope a call needs (read, write or admin on the
+    collection) is PERMISSION_DENIED naming the scope and the collection.
+    ListCollections lists only the collections the key may read.
     An empty `collection` field means the gateway's default collection.
     """
 
@@ -112,7 +115,10 @@ class GatewayServiceServicer:
     text, by image, or by several queries at once.
 
     Every request may carry `authorization: Bearer <key>` metadata; when the
-    gateway has API keys configured, a missing or wrong key is UNAUTHENTICATED.
+    gateway has API keys configured, a missing or wrong key is UNAUTHENTICATED,
+    and a key without the scope a call needs (read, write or admin on the
+    collection) is PERMISSION_DENIED naming the scope and the collection.
+    ListCollections lists only the collections the key may read.
     An empty `collection` field means the gateway's default collection.
     """
 
@@ -294,7 +300,10 @@ class GatewayService:
     text, by image, or by several queries at once.
 
     Every request may carry `authorization: Bearer <key>` metadata; when the
-    gateway has API keys configured, a missing or wrong key is UNAUTHENTICATED.
+    gateway has API keys configured, a missing or wrong key is UNAUTHENTICATED,
+    and a key without the scope a call needs (read, write or admin on the
+    collection) is PERMISSION_DENIED naming the scope and the collection.
+    ListCollections lists only the collections the key may read.
     An empty `collection` field means the gateway's default collection.
     """
 
