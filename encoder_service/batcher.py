@@ -6,7 +6,9 @@ the batch is full (``max_batch_size``) or the oldest item has waited
 request back its own rows. With a delay of 0 a lone request runs at once, and
 whatever arrives while the model is busy forms the next batch, so batches grow
 with load and an idle service adds no latency. A full queue refuses new work at once
-(ResourceExhausted) instead of letting memory grow.
+(ResourceExhausted) instead of letting memory grow. Items whose deadline passed
+while they waited, or whose caller went away, are dropped before the model call;
+each model call's time per item is reported to the admission (clipsearch.admission).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from clipsearch.errors import ResourceExhausted, Unavailable
+from clipsearch.admission import DROPPED_CANCELLED, DROPPED_EXPIRED, Admission
+from clipsearch.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class _Pending:
     item: Any
     future: asyncio.Future
     enqueued: float
+    expires: float | None = None  # time.monotonic() deadline; None = none
 
 
 class DynamicBatcher:
@@ -58,8 +62,10 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_ms: float,
         max_queue_size: int,
+        admission: Admission | None = None,
     ):
         self.kind = kind
+        self.admission = admission
         self.run_batch = run_batch
         self.executor = executor
         self.max_batch_size = max_batch_size
@@ -83,15 +89,16 @@ class DynamicBatcher:
                 pending.future.set_exception(Unavailable("the encoder is shutting down"))
         self._queue.clear()
 
-    async def submit(self, items: Sequence[Any]) -> np.ndarray:
-        """Rows for ``items`` (in order), computed in shared batches."""
-        return np.stack(await self._submit(items, return_exceptions=False))
+    async def submit(self, items: Sequence[Any], expires: float | None = None) -> np.ndarray:
+        """Rows for ``items`` (in order), computed in shared batches; DeadlineExceeded when
+        ``expires`` (``time.monotonic()``) passes before their model call."""
+        return np.stack(await self._submit(items, return_exceptions=False, expires=expires))
 
-    async def submit_each(self, items: Sequence[Any]) -> list[Any]:
+    async def submit_each(self, items: Sequence[Any], expires: float | None = None) -> list[Any]:
         """Like ``submit``, but an item the model call rejected gets its exception in place of a row."""
-        return await self._submit(items, return_exceptions=True)
+        return await self._submit(items, return_exceptions=True, expires=expires)
 
-    async def _submit(self, items: Sequence[Any], return_exceptions: bool) -> list[Any]:
+    async def _submit(self, items: Sequence[Any], return_exceptions: bool, expires: float | None) -> list[Any]:
         if self._closed:
             raise Unavailable("the encoder is shutting down")
         if len(self._queue) + len(items) > self.max_queue_size:
@@ -105,7 +112,7 @@ class DynamicBatcher:
         futures = []
         for item in items:
             future = loop.create_future()
-            self._queue.append(_Pending(item, future, now))
+            self._queue.append(_Pending(item, future, now, expires))
             futures.append(future)
         QUEUE_DEPTH.labels(self.kind).set(len(self._queue))
         self._wakeup.set()
@@ -133,7 +140,7 @@ class DynamicBatcher:
                     break
             batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
             QUEUE_DEPTH.labels(self.kind).set(len(self._queue))
-            batch = [p for p in batch if not p.future.cancelled()]
+            batch = self._drop_dead(batch)
             if not batch:
                 continue
             started = time.perf_counter()
@@ -145,7 +152,10 @@ class DynamicBatcher:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
-            MODEL_SECONDS.labels(self.kind).observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            MODEL_SECONDS.labels(self.kind).observe(seconds)
+            if self.admission is not None:
+                self.admission.observe(self.kind, seconds, len(batch))
             MODEL_CALLS.labels(self.kind).inc()
             BATCH_SIZE.labels(self.kind).observe(len(batch))
             for pending, row in zip(batch, rows):
@@ -155,3 +165,21 @@ class DynamicBatcher:
                     pending.future.set_exception(row)
                 else:
                     pending.future.set_result(row)
+
+    def _drop_dead(self, batch: list[_Pending]) -> list[_Pending]:
+        """The items still worth computing: not cancelled by their caller, deadline not passed."""
+        now = time.monotonic()
+        live = []
+        for pending in batch:
+            if pending.future.cancelled():
+                reason = DROPPED_CANCELLED
+            elif pending.expires is not None and pending.expires <= now:
+                reason = DROPPED_EXPIRED
+                pending.future.set_exception(DeadlineExceeded(
+                    f"the request's deadline passed while its {self.kind} waited in the queue"))
+            else:
+                live.append(pending)
+                continue
+            if self.admission is not None:
+                self.admission.dropped(self.kind, reason)
+        return live

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from clipsearch.admission import Admission
 from clipsearch.errors import ClipsearchError, InvalidArgument, NotFound, Unavailable
 from clipsearch.s3 import is_missing_error, make_s3_client, parse_s3_uri
 from encoder_service.batcher import DynamicBatcher
@@ -40,6 +42,12 @@ class EncoderConfig:
         0.0, "extra time an item may wait for its batch to fill; 0 = none: items that arrive while the model "
         "is busy form the next batch")
     max_queue_size: int = _setting(2048, "items waiting beyond this get RESOURCE_EXHAUSTED")
+    max_in_flight_mb: int = _setting(
+        512, "budget of request payloads and decoded pixels held by admitted requests, in MiB; a request that "
+        "would pass it gets RESOURCE_EXHAUSTED with a retry hint (0 = no budget)")
+    max_queue_wait_ms: float = _setting(
+        0.0, "most time the work queued ahead plus a request's own may be expected to take; longer gets "
+        "RESOURCE_EXHAUSTED with a retry hint (0 = only the caller's deadline bounds it)")
     max_items_per_request: int = _setting(256, "most texts or images in one request")
     max_text_chars: int = _setting(2000, "longest text accepted, in characters")
     max_image_bytes: int = _setting(20 * 1024 * 1024, "largest encoded image accepted, in bytes")
@@ -65,6 +73,11 @@ class ImageEmbeddings:
     errors: list[ClipsearchError | None] = field(default_factory=list)  # None where the item succeeded
 
 
+def _expires(timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` deadline ``timeout`` seconds from now (None = none)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
 class EncoderEngine:
     def __init__(self, config: EncoderConfig):
         self.config = config
@@ -76,6 +89,9 @@ class EncoderEngine:
         self.tensor_preprocess: TensorPreprocess | None = None  # set when JPEGs are decoded on the device
         self.text_batcher: DynamicBatcher | None = None
         self.image_batcher: DynamicBatcher | None = None
+        # Texts and images share the model thread, so one admission times both queues.
+        self.admission = Admission("encoder", max_bytes=config.max_in_flight_mb * 1024 * 1024,
+                                   max_wait=config.max_queue_wait_ms / 1000.0)
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -91,6 +107,7 @@ class EncoderEngine:
             max_batch_size=cfg.max_batch_size,
             max_queue_delay_ms=cfg.max_queue_delay_ms,
             max_queue_size=cfg.max_queue_size,
+            admission=self.admission,
         )
         self.text_batcher = DynamicBatcher("text", self.model.encode_texts, self._model_thread, **common)
         if cfg.image_decode not in ("auto", "cpu", "device"):
@@ -125,7 +142,8 @@ class EncoderEngine:
                 field=what,
             )
 
-    async def embed_texts(self, texts: list[str]) -> np.ndarray:
+    async def embed_texts(self, texts: list[str], timeout: float | None = None) -> np.ndarray:
+        """Unit vectors for ``texts``; ``timeout``: seconds the caller still waits (None = no deadline)."""
         self.loaded_model()
         self._check_batch(len(texts), "texts")
         for i, text in enumerate(texts):
@@ -136,7 +154,9 @@ class EncoderEngine:
                     f"texts[{i}] has {len(text)} characters; the limit is {self.config.max_text_chars}",
                     field=f"texts[{i}]",
                 )
-        return await self.text_batcher.submit(texts)
+        expires = _expires(timeout)
+        with self.admission.admit("text", items=len(texts), nbytes=sum(map(len, texts)), expires=expires):
+            return await self.text_batcher.submit(texts, expires)
 
     # -- images ------------------------------------------------------------
     def _read_uri(self, uri: str, index: int) -> bytes:
@@ -181,9 +201,22 @@ class EncoderEngine:
         )
         return model.preprocess(image)
 
-    async def embed_images(self, sources: list[ImageSource]) -> ImageEmbeddings:
+    async def embed_images(self, sources: list[ImageSource], timeout: float | None = None) -> ImageEmbeddings:
+        """Vectors and per-item errors; ``timeout``: seconds the caller still waits (None = no deadline).
+
+        Admission charges each image's payload plus its preprocessed pixels (held until
+        its model call). Full-size decoded pixels and bytes read from S3 live only inside
+        a preprocess worker, so at most ``preprocess_workers`` x the pixel/byte limits."""
         model = self.loaded_model()
         self._check_batch(len(sources), "images")
+        expires = _expires(timeout)
+        pixels = 3 * model.image_size * model.image_size * 4  # one float32 tensor per image
+        nbytes = sum(len(s.data or b"") + pixels for s in sources)
+        with self.admission.admit("image", items=len(sources), nbytes=nbytes, expires=expires):
+            return await self._embed_images(model, sources, expires)
+
+    async def _embed_images(self, model: ClipModel, sources: list[ImageSource],
+                            expires: float | None) -> ImageEmbeddings:
         loop = asyncio.get_running_loop()
         prepared = await asyncio.gather(
             *(loop.run_in_executor(self._preprocess_pool, self._prepare, s, i) for i, s in enumerate(sources)),
@@ -203,7 +236,7 @@ class EncoderEngine:
                 good_rows.append(i)
         vectors = np.zeros((len(sources), model.dim), dtype=np.float32)
         if good_pixels:
-            for row, outcome in zip(good_rows, await self.image_batcher.submit_each(good_pixels)):
+            for row, outcome in zip(good_rows, await self.image_batcher.submit_each(good_pixels, expires)):
                 if isinstance(outcome, ClipsearchError):
                     errors[row] = outcome
                 elif isinstance(outcome, BaseException):

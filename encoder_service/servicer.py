@@ -14,7 +14,7 @@ class EncoderServicer(encoder_service_pb2_grpc.EncoderServiceServicer):
         self.engine = engine
 
     async def EmbedTexts(self, request, context):
-        vectors = await self.engine.embed_texts(list(request.texts))
+        vectors = await self.engine.embed_texts(list(request.texts), context.time_remaining())
         return pb.EmbedTextsResponse(embeddings=pack_matrix(vectors), model_fingerprint=self.engine.model.fingerprint)
 
     async def EmbedImages(self, request, context):
@@ -23,7 +23,7 @@ class EncoderServicer(encoder_service_pb2_grpc.EncoderServiceServicer):
             else ImageSource(data=item.data if item.WhichOneof("source") == "data" else None)
             for item in request.images
         ]
-        result = await self.engine.embed_images(sources)
+        result = await self.engine.embed_images(sources, context.time_remaining())
         return pb.EmbedImagesResponse(
             embeddings=pack_matrix(result.vectors),
             statuses=[item_status(error) for error in result.errors],
