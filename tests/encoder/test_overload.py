@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clipsearch.admission import BUDGET_EXHAUSTED
+from clipsearch.admission import BUDGET_EXHAUSTED, DEADLINE_UNMEETABLE
 from clipsearch.encoder.v1 import encoder_service_pb2 as pb
 from clipsearch.encoder.v1 import encoder_service_pb2_grpc
 from clipsearch.status import RETRY_AFTER_TRAILER, error_from_rpc
@@ -30,7 +30,7 @@ def encoder(tmp_path_factory):
     proc = ServiceProcess(
         "encoder_service",
         [*TINY, "--port", "0", "--metrics-port", "0", "--max-in-flight-mb", "1",
-         "--max-queue-delay-ms", str(QUEUE_DELAY_MS), "--max-batch-size", "256"],
+         "--max-queue-delay-ms", str(QUEUE_DELAY_MS), "--max-batch-size", "256", "--drain-delay-seconds", "0"],
         tmp_path_factory.mktemp("overload"), name="encoder-overload",
     ).start()
     yield proc
@@ -77,23 +77,33 @@ def test_a_burst_past_the_budget_is_refused_at_once_with_a_retry_hint(encoder):
     assert refused_now - refused_before == len(refused)
 
 
-def test_work_whose_deadline_passes_in_the_queue_is_dropped_before_the_model_call(encoder):
+def test_work_that_cannot_meet_its_deadline_is_refused_or_dropped_before_the_model_call(encoder):
+    """Refused at admission when the measured time per text already says it cannot finish
+    in time; otherwise dropped from the queue once its deadline passes. Never computed."""
     stub = encoder_service_pb2_grpc.EncoderServiceStub(grpc.insecure_channel(encoder.address))
     stub.EmbedTexts(pb.EmbedTextsRequest(texts=["warm up"]), timeout=60)
-    calls_before = metric_value(encoder.metrics_port, "clipsearch_encoder_model_calls_total", kind="text")
-    dropped_before = metric_value(encoder.metrics_port, "clipsearch_admission_dropped_total", service="encoder",
-                                  kind="text")
-    with pytest.raises(grpc.RpcError) as caught:  # waits QUEUE_DELAY_MS in the queue: far past its deadline
+
+    def counts() -> tuple[float, float, float]:
+        port = encoder.metrics_port
+        return (metric_value(port, "clipsearch_encoder_model_calls_total", kind="text"),
+                metric_value(port, "clipsearch_admission_dropped_total", service="encoder", kind="text"),
+                metric_value(port, "clipsearch_admission_rejected_total", service="encoder", kind="text",
+                             reason=DEADLINE_UNMEETABLE))
+
+    calls_before, dropped_before, refused_before = counts()
+    with pytest.raises(grpc.RpcError) as caught:  # would wait QUEUE_DELAY_MS in the queue: far past its deadline
         stub.EmbedTexts(pb.EmbedTextsRequest(texts=["too late", "also too late"]), timeout=QUEUE_DELAY_MS / 10000)
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    for _ in range(100):  # the queue delay runs out after the client gave up
-        dropped = metric_value(encoder.metrics_port, "clipsearch_admission_dropped_total", service="encoder",
-                               kind="text") - dropped_before
-        if dropped:
-            break
-        time.sleep(0.05)
-    assert dropped == 2
-    assert metric_value(encoder.metrics_port, "clipsearch_encoder_model_calls_total", kind="text") == calls_before
+    if caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        assert error_from_rpc(caught.value).reason == DEADLINE_UNMEETABLE
+        assert counts()[2] == refused_before + 1
+    else:
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(100):  # the queue delay runs out after the client gave up
+            if counts()[1] > dropped_before:
+                break
+            time.sleep(0.05)
+        assert counts()[1] == dropped_before + 2
+    assert counts()[0] == calls_before
 
 
 def test_the_service_stays_up_and_serves_after_overload(encoder):
