@@ -12,6 +12,7 @@ import logging
 
 from clipsearch.errors import ClipsearchError, NotFound
 
+from gateway.admission import GatewayAdmission
 from gateway.collections import Collections
 from gateway.deadline import Deadline
 from gateway.encoder import EncoderClient
@@ -44,6 +45,7 @@ class Gateway:
         self.collections = Collections(settings, self.shards, self.storage, self.encoder)
         self.ingestor = Ingestor(settings, self.collections, self.encoder, self.shards, self.storage)
         self.searcher = Searcher(settings, self.collections, self.encoder, self.shards, self.storage, self.tokens)
+        self.admission = GatewayAdmission(settings)
         self._upkeep: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -75,12 +77,14 @@ class Gateway:
     # ------------------------------------------------------------------ search and upload
 
     async def search(self, request: SearchRequest, deadline: Deadline) -> SearchResult:
-        return await self.searcher.search(request, deadline)
+        with self.admission.search(request, deadline):
+            return await self.searcher.search(request, deadline)
 
     async def upload(self, collection: str, items: list[UploadItem], deadline: Deadline) -> list[UploadResult]:
         name = self.collections.resolve(collection)
         check_upload(items, self.settings.max_upload_items)
-        return await self.ingestor.ingest(name, items, deadline)
+        with self.admission.upload(items, deadline):
+            return await self.ingestor.ingest(name, items, deadline)
 
     # ------------------------------------------------------------------ images
 

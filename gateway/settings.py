@@ -64,6 +64,16 @@ class GatewaySettings(ServerSettings):
     text_cache_size: int = field(default=4096, metadata={"help": "text embeddings kept in the LRU cache (0 = off)"})
     max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "largest image accepted, in bytes"})
     max_upload_items: int = field(default=256, metadata={"help": "most images in one UploadImages call"})
+    max_in_flight_mb: int = field(
+        default=256,
+        metadata={"help": "budget of request bytes (images, query parts) held by admitted searches and uploads, in "
+                          "MiB; a request that would pass it gets RESOURCE_EXHAUSTED with a retry hint (0 = none)"},
+    )
+    max_queue_wait_ms: float = field(
+        default=0.0,
+        metadata={"help": "most time the searches/uploads in flight plus a new one may be expected to take; longer "
+                          "gets RESOURCE_EXHAUSTED with a retry hint (0 = only the caller's deadline bounds it)"},
+    )
     mmr_candidates: int = field(
         default=4, metadata={"help": "MMR re-ranks top_k * this many candidates (at most 1000)"}
     )
