@@ -36,6 +36,10 @@ class EncoderConfig:
     pretrained: str = _setting("openai", "pretrained tag (e.g. openai), a checkpoint file path, or none (random)")
     device: str = _setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     precision: str = _setting("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
+    runtime: str = _setting("auto", "auto (onnx on CPU, torch on CUDA), torch, or onnx (ONNX Runtime, CPU only)")
+    onnx_quantize: str = _setting("none", "none or int8: int8 weights for the onnx runtime (see README, Encoder)")
+    onnx_cache_dir: str = _setting("", "where ONNX exports are cached by model fingerprint "
+                                       "(default: ~/.cache/clipsearch/onnx)")
     model_cache_dir: str = _setting("", "where downloaded weights are cached (default: open_clip's cache)")
     max_batch_size: int = _setting(64, "most items in one model call")
     max_queue_delay_ms: float = _setting(
@@ -101,7 +105,8 @@ class EncoderEngine:
         self.model = await loop.run_in_executor(
             self._model_thread,
             lambda: load_model(cfg.model, cfg.pretrained, device=cfg.device, cache_dir=cfg.model_cache_dir,
-                               precision=cfg.precision),
+                               precision=cfg.precision, runtime=cfg.runtime, onnx_quantize=cfg.onnx_quantize,
+                               onnx_cache_dir=cfg.onnx_cache_dir),
         )
         common = dict(
             max_batch_size=cfg.max_batch_size,

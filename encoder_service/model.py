@@ -40,6 +40,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+RUNTIMES = ("auto", "torch", "onnx")
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> str:
+    """``auto`` is onnx on the CPU and torch on CUDA."""
+    if runtime not in RUNTIMES:
+        raise ModelLoadError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+    if runtime == "auto":
+        return "onnx" if device.type == "cpu" else "torch"
+    if runtime == "onnx" and device.type != "cpu":
+        raise ModelLoadError(f"the onnx runtime runs on the CPU only; use --runtime torch on {device}")
+    return runtime
+
+
 def _register_bundled_configs() -> None:
     import open_clip
 
@@ -112,6 +126,46 @@ def causal_text_tower(model: torch.nn.Module) -> TextTower | None:
     )
 
 
+class TrimmedText(torch.nn.Module):
+    """A causal text tower on tokens already trimmed to any length <= the context:
+    position embeddings and the causal mask are cut to the input's length. The torch
+    path runs it and the ONNX export traces it (with dynamic batch and length axes)."""
+
+    def __init__(self, tower: TextTower):
+        super().__init__()
+        self.token_embedding, self.transformer, self.ln_final = tower.token_embedding, tower.transformer, tower.ln_final
+        self.positional_embedding = tower.positional_embedding
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
+        self.text_projection = tower.text_projection
+        self.pool_type, self.eos_id = tower.pool_type, tower.eos_id
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        length = text.shape[1]
+        transformer = self.transformer
+        cast = transformer.get_cast_dtype() if hasattr(transformer, "get_cast_dtype") \
+            else self.token_embedding.weight.dtype
+        x = self.token_embedding(text).to(cast) + self.positional_embedding[:length].to(cast)
+        x = transformer(x, attn_mask=self.attn_mask[:length, :length])
+        x = self.ln_final(x)
+        pooled = text_global_pool(x, text, self.pool_type, eos_token_id=self.eos_id)
+        if isinstance(self.text_projection, torch.nn.Linear):
+            pooled = self.text_projection(pooled)
+        elif self.text_projection is not None:
+            pooled = pooled @ self.text_projection
+        return F.normalize(pooled.float(), dim=-1)
+
+
+class _FullText(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(text).float(), dim=-1)
+
+
 class ClipModel:
     """A loaded open_clip model with its tokenizer and image preprocessing."""
 
@@ -127,6 +181,9 @@ class ClipModel:
         self.fingerprint = fingerprint
         self.preprocess_config = preprocess_config
         self.text_tower = causal_text_tower(model)
+        self._text = self.text_encoder()
+        self.runtime = "torch"
+        self.onnx = None  # OnnxTowers when the runtime is onnx
         self.context_length = int(getattr(tokenizer, "context_length", 77))
         size = preprocess_config.get("size", 224)
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
@@ -141,6 +198,16 @@ class ClipModel:
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
 
+    def text_encoder(self) -> torch.nn.Module:
+        """The text tower as one module, tokens [batch, length] -> unit vectors: trimmed
+        (any length up to the context) when the tower is causal, else open_clip's own."""
+        return TrimmedText(self.text_tower) if self.text_tower is not None else _FullText(self.model)
+
+    def trim(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The batch cut to its longest prompt (tokens pad with 0)."""
+        length = max(int((tokens != 0).sum(dim=1).max()), 1)
+        return tokens[:, :length]
+
     @torch.inference_mode()
     def encode_tokens(self, tokens: torch.Tensor, trim: bool = True) -> np.ndarray:
         """Unit vectors for a [batch, context_length] token tensor.
@@ -149,27 +216,13 @@ class ClipModel:
         every position up to the end-of-text token sees exactly the same inputs, and
         the pooled output equals the full-length one (tests/encoder check this).
         """
+        trimmed = trim and self.text_tower is not None
+        if self.onnx is not None and (trimmed or not self.onnx.trims_text):
+            return self.onnx.encode_tokens((self.trim(tokens) if trimmed else tokens).numpy())
         tokens = tokens.to(self.device)
-        tower = self.text_tower
-        if not trim or tower is None:
-            features = self.model.encode_text(tokens)
-        else:
-            length = max(int((tokens != 0).sum(dim=1).max()), 1)
-            text = tokens[:, :length]
-            cast = tower.transformer.get_cast_dtype() if hasattr(tower.transformer, "get_cast_dtype") else self.dtype
-            x = tower.token_embedding(text).to(cast) + tower.positional_embedding[:length].to(cast)
-            x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
-            x = tower.ln_final(x)
-            from open_clip.transformer import text_global_pool
-
-            pooled = text_global_pool(x, text, tower.pool_type, eos_token_id=tower.eos_id)
-            if tower.text_projection is not None:
-                if isinstance(tower.text_projection, torch.nn.Linear):
-                    pooled = tower.text_projection(pooled)
-                else:
-                    pooled = pooled @ tower.text_projection
-            features = pooled
-        return F.normalize(features.float(), dim=-1).cpu().numpy()
+        if not trimmed:
+            return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu().numpy()
+        return self._text(self.trim(tokens)).cpu().numpy()
 
     def encode_texts(self, texts: Sequence[str], trim: bool = True) -> np.ndarray:
         return self.encode_tokens(self.tokenize(texts), trim=trim)
@@ -177,6 +230,8 @@ class ClipModel:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Unit vectors for a preprocessed [batch, 3, H, W] float tensor."""
+        if self.onnx is not None:
+            return self.onnx.encode_pixels(pixels.float().cpu().numpy())
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
         features = self.model.encode_image(pixels)
         return F.normalize(features.float(), dim=-1).cpu().numpy()
@@ -193,6 +248,9 @@ def load_model(
     device: str = "auto",
     cache_dir: str = "",
     precision: str = "auto",
+    runtime: str = "auto",
+    onnx_quantize: str = "none",
+    onnx_cache_dir: str = "",
 ) -> ClipModel:
     """Loads any open_clip model.
 
@@ -200,11 +258,21 @@ def load_model(
     - ``model_name`` + ``pretrained=/path/to/checkpoint``: a local checkpoint file.
     - ``model_name`` = a folder with ``open_clip_config.json`` and weights (``pretrained`` ignored).
     - ``pretrained`` = ``none``: random weights, with a loud warning (tests only).
+
+    ``runtime``: ``torch``, ``onnx`` (ONNX Runtime on the CPU: the towers are exported
+    once into ``onnx_cache_dir``, keyed by the fingerprint; ``onnx_quantize=int8`` for
+    int8 weights) or ``auto`` (onnx on the CPU, torch on CUDA). The fingerprint is the
+    weights' whatever the runtime.
     """
     import open_clip
 
     _register_bundled_configs()
     torch_device = resolve_device(device)
+    runtime = resolve_runtime(runtime, torch_device)
+    if runtime == "onnx" and precision not in ("auto", "fp32"):
+        raise ModelLoadError(f"the onnx runtime runs fp32 (or --onnx-quantize int8); got precision {precision!r}")
+    if onnx_quantize not in ("", "none") and runtime != "onnx":
+        log.warning("onnx_quantize=%s is ignored: the runtime is %s", onnx_quantize, runtime)
     if precision == "auto":
         precision = "fp16" if torch_device.type == "cuda" else "fp32"
     if precision not in ("fp32", "fp16", "bf16"):
@@ -263,8 +331,17 @@ def load_model(
     tokenizer = open_clip.get_tokenizer(identifier)
     log.info("loaded %s (%s) on %s as %s, fingerprint %s", model_name, pretrained_label, torch_device, dtype,
              fingerprint)
-    return ClipModel(model, preprocess, tokenizer, name=model_name, pretrained=pretrained_label, device=torch_device,
+    clip = ClipModel(model, preprocess, tokenizer, name=model_name, pretrained=pretrained_label, device=torch_device,
                      dtype=dtype, fingerprint=fingerprint, preprocess_config=preprocess_config)
+    if runtime == "onnx":
+        from encoder_service.onnx_runtime import OnnxExportError, OnnxTowers
+
+        try:
+            clip.onnx = OnnxTowers(clip, cache_dir=onnx_cache_dir or None, quantize=onnx_quantize or "none")
+        except OnnxExportError as exc:
+            raise ModelLoadError(f"{exc}; --runtime torch avoids ONNX Runtime") from exc
+        clip.runtime = "onnx"
+    return clip
 
 
 def save_model_dir(model: torch.nn.Module, model_cfg: dict[str, Any], folder: str | Path,

@@ -10,6 +10,7 @@ from PIL import Image
 from clipsearch.encoder.v1 import encoder_service_pb2_grpc
 
 TINY = ["--model", "clipsearch-tiny", "--pretrained", "none"]
+LIMITS = ["--max-items-per-request", "64", "--max-text-chars", "300", "--max-image-pixels", "4000000"]
 
 
 def jpeg_bytes(seed: int, size=(96, 80)) -> bytes:
@@ -26,6 +27,21 @@ def image_bytes(image: Image.Image, fmt: str, **save_args) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """One ONNX export cache for the session's in-process loads and encoder processes."""
+    import os
+
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    previous = os.environ.get("CLIPSEARCH_ONNX_CACHE_DIR")
+    os.environ["CLIPSEARCH_ONNX_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("CLIPSEARCH_ONNX_CACHE_DIR", None)
+    else:
+        os.environ["CLIPSEARCH_ONNX_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory, s3_endpoint):
     """One tiny-model encoder subprocess for the module, with S3 pointed at moto."""
@@ -34,8 +50,7 @@ def encoder(tmp_path_factory, s3_endpoint):
     workdir = tmp_path_factory.mktemp("encoder")
     proc = ServiceProcess(
         "encoder_service",
-        [*TINY, "--port", "0", "--metrics-port", "0", "--s3-endpoint-url", s3_endpoint,
-         "--max-items-per-request", "64", "--max-text-chars", "300", "--max-image-pixels", "4000000",
+        [*TINY, *LIMITS, "--port", "0", "--metrics-port", "0", "--s3-endpoint-url", s3_endpoint,
          "--max-queue-delay-ms", "20"],
         workdir,
         name="encoder",

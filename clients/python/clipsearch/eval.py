@@ -261,7 +261,8 @@ def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 
 def rank_in_process(dataset: EvalDataset, model_name: str, pretrained: str, device: str = "auto",
-                    cache_dir: str = "", batch_size: int = 64, progress: bool = True) -> tuple[list[list[str]], dict]:
+                    cache_dir: str = "", batch_size: int = 64, progress: bool = True, runtime: str = "auto",
+                    onnx_quantize: str = "none") -> tuple[list[list[str]], dict]:
     """Full rankings (image keys, best first) for every query, from a model loaded in this process."""
     import numpy as np
     from tqdm import tqdm
@@ -269,7 +270,8 @@ def rank_in_process(dataset: EvalDataset, model_name: str, pretrained: str, devi
     # The encoder's model loading code, so results match what the service computes.
     from encoder_service.model import load_model
 
-    model = load_model(model_name, pretrained, device=device, cache_dir=cache_dir)
+    model = load_model(model_name, pretrained, device=device, cache_dir=cache_dir, runtime=runtime,
+                       onnx_quantize=onnx_quantize)
     keys = list(dataset.images)
     image_vectors = []
     for chunk in tqdm(list(_batches(keys, batch_size)), desc="images", unit="batch", disable=not progress):
@@ -280,7 +282,8 @@ def rank_in_process(dataset: EvalDataset, model_name: str, pretrained: str, devi
     order = np.argsort(-scores, axis=1, kind="stable")
     rankings = [[keys[j] for j in row] for row in order]
     info = {"mode": "in-process", "model": model_name, "pretrained": model.pretrained,
-            "fingerprint": model.fingerprint, "dim": model.dim, "device": str(model.device)}
+            "fingerprint": model.fingerprint, "dim": model.dim, "device": str(model.device),
+            "runtime": model.runtime + ("-int8" if model.onnx is not None and model.onnx.quantize == "int8" else "")}
     return rankings, info
 
 
@@ -354,6 +357,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="pretrained tag, checkpoint file, or none (ignored for a folder)")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     model.add_argument("--model-cache-dir", default="", help="where downloaded weights are kept")
+    model.add_argument("--runtime", default="auto", help="auto (onnx on CPU, torch on CUDA), torch or onnx")
+    model.add_argument("--onnx-quantize", default="none", help="none or int8 (the onnx runtime's int8 weights)")
     model.add_argument("--batch-size", type=int, default=64, help="images per model call")
     gateway = parser.add_argument_group("through a running gateway")
     gateway.add_argument("--target", help="gateway host:port; uploads the images, then searches")
@@ -396,7 +401,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                                               progress=progress)
     else:
         rankings, info = rank_in_process(dataset, args.model, args.pretrained, args.device, args.model_cache_dir,
-                                         args.batch_size, progress=progress)
+                                         args.batch_size, progress=progress, runtime=getattr(args, "runtime", "auto"),
+                                         onnx_quantize=getattr(args, "onnx_quantize", "none"))
     per_query = [query_metrics(ranking, query.relevance) for ranking, query in zip(rankings, dataset.queries)]
     result: dict[str, Any] = {
         "dataset": dataset.description,
