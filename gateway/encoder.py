@@ -22,7 +22,7 @@ from clipsearch.vectors import unpack_matrix
 
 from gateway import metrics
 from gateway.deadline import Deadline
-from gateway.rpc import make_channel, translate
+from gateway.rpc import call_metadata, make_channel, translate
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,10 @@ class EncoderClient:
         try:
             return await getattr(self.stub, method)(
                 request, timeout=deadline.timeout(self.settings.encoder_timeout_seconds), wait_for_ready=wait_for_ready,
+                metadata=call_metadata(),
             )
         except grpc.aio.AioRpcError as error:
-            raise translate(error, f"encoder {self.address} ({method})") from None
+            raise translate(error, f"the encoder ({method})", self.address) from None
         finally:
             metrics.DOWNSTREAM_SECONDS.labels("encoder", method).observe(time.perf_counter() - started)
 

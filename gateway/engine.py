@@ -11,13 +11,14 @@ import contextlib
 import logging
 
 from clipsearch.errors import ClipsearchError, NotFound
+from clipsearch.metadata import metadata_bytes
 
 from gateway.admission import GatewayAdmission
 from gateway.collections import Collections
 from gateway.deadline import Deadline
 from gateway.encoder import EncoderClient
 from gateway.ingest import META_CONTENT_TYPE, META_SIZE, Ingestor
-from gateway.search import PageTokens
+from gateway.search import PageTokens, within_bytes
 from gateway.searcher import Searcher
 from gateway.settings import GatewaySettings
 from gateway.shards import Record, ShardSet
@@ -111,6 +112,9 @@ class Gateway:
         after = str(self.tokens.open(page_token, "images", name)["a"]) if page_token else ""
         await self.collections.describe(name, deadline)
         records, more = await self.shards.list(name, after, size, deadline)
+        fits = within_bytes([metadata_bytes(r.metadata) for r in records], self.settings.max_response_metadata_bytes)
+        if fits < len(records):  # the page ends early, at the response's metadata budget
+            records, more = records[:fits], True
         token = self.tokens.issue("images", name, a=records[-1].id) if more and records else ""
         return [self._image(name, record) for record in records], token
 

@@ -100,6 +100,7 @@ class Ingestor:
         self.shards = shards
         self.storage = storage
         self.locks = KeyedLocks()
+        self.limits = settings.metadata_limits()
 
     def lock(self, collection: str, ids: Sequence[str]):
         """Serializes writes of the same images within this gateway."""
@@ -115,7 +116,8 @@ class Ingestor:
             at = f"{field}[{i}]"
             try:
                 content_type = check_image_bytes(item.data, self.settings.max_image_bytes, f"{at}.data")
-                check_metadata(item.metadata, at)
+                metadata = item_metadata(item, content_type)
+                check_metadata(metadata, at, self.limits)
             except InvalidArgument as error:
                 results[i].error = error
                 continue
@@ -125,7 +127,7 @@ class Ingestor:
             if image_id in prepared:
                 duplicates.append((i, image_id))
             else:
-                prepared[image_id] = Prepared(i, item.data, content_type, item_metadata(item, content_type))
+                prepared[image_id] = Prepared(i, item.data, content_type, metadata)
 
         if prepared:
             collection = await self.collections.describe(name, deadline)
@@ -215,6 +217,11 @@ class Ingestor:
             elif isinstance(error, (NotFound, FailedPrecondition)):
                 self.collections.forget(name)
                 raise error
+            elif isinstance(error, InvalidArgument):
+                # Refused (say, the collection's metadata keys are used up): nothing was written.
+                at = f"items[{prepared[image_id].position}].metadata"
+                result.error = InvalidArgument(f"{at} was refused by the index: {error.message}", field=at,
+                                               reason=error.reason)
             else:
                 # Unknown outcome: the shard may still commit it. The object stays, so a
                 # retry (or repair) finishes the job; deleting it could leave a vector with no image.

@@ -5,10 +5,13 @@ errors onto ``clipsearch.errors``."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import grpc
 from clipsearch.errors import ClipsearchError, DeadlineExceeded, Unavailable
+from clipsearch.server.interceptor import REQUEST_ID_HEADER
+from clipsearch.server.logs import REQUEST_ID
 from clipsearch.status import error_from_rpc
 
 from gateway.settings import GatewaySettings
@@ -66,16 +69,33 @@ def make_channel(address: str, settings: GatewaySettings) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(address, credentials, options=options)
 
 
-def translate(error: grpc.aio.AioRpcError, what: str) -> ClipsearchError:
-    """A ClipsearchError for a failed downstream call, keeping the field and reason it named."""
+log = logging.getLogger(__name__)
+
+
+def call_metadata() -> tuple[tuple[str, str], ...]:
+    """Metadata of a downstream call: the request id of the call being served, so the
+    services' logs line up with the gateway's."""
+    request_id = REQUEST_ID.get()
+    return ((REQUEST_ID_HEADER, request_id),) if request_id != "-" else ()
+
+
+def translate(error: grpc.aio.AioRpcError, what: str, where: str = "") -> ClipsearchError:
+    """A ClipsearchError for a failed downstream call. Errors about the request
+    (INVALID_ARGUMENT, NOT_FOUND, ...) pass through with their message, field and reason.
+    Failures of the service itself say only ``what`` failed: the downstream details (its
+    address ``where``, exception text, paths) go to the log under the request id."""
     code = error.code()
     details = error.details() or ""
+    outage = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                      grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNIMPLEMENTED,
+                      grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    if outage:
+        log.warning("%s at %s: %s: %s", what, where or "?", code.name, details)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return Unavailable(f"{what} is unavailable: {details}")
+        return Unavailable(f"{what} is unavailable; retry later")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"{what} did not answer in time: {details}")
-    if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNIMPLEMENTED,
-                grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return DeadlineExceeded(f"{what} did not answer in time")
+    if outage:
         # The caller did nothing wrong; an internal service misbehaved or refused the gateway.
-        return Unavailable(f"{what} failed: {code.name}: {details}")
+        return Unavailable(f"{what} failed ({code.name}); retry later")
     return error_from_rpc(error)

@@ -212,6 +212,16 @@ def digest(*parts: bytes | str) -> str:
     return h.hexdigest()[:32]
 
 
+def within_bytes(sizes: Sequence[int], budget: int) -> int:
+    """How many of the leading items fit in ``budget`` bytes (at least one, so paging always moves on)."""
+    total = 0
+    for count, size in enumerate(sizes):
+        total += size
+        if total > budget and count:
+            return count
+    return len(sizes)
+
+
 def page(results: Sequence[Candidate], offset: int, page_size: int) -> tuple[list[Candidate], int | None]:
     """One page of ``results`` and the offset of the next one (None at the end)."""
     chunk = list(results[offset:offset + page_size])

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from clipsearch.errors import FailedPrecondition, InvalidArgument, NotFound
+from clipsearch.metadata import metadata_bytes, select_keys
 from clipsearch.vectors import unpack_vector
 
 from gateway.collections import Collections
@@ -17,7 +18,7 @@ from gateway.deadline import Deadline
 from gateway.encoder import EncoderClient
 from gateway.search import (
     MAX_CANDIDATES, Candidate, PageTokens, aggregate_max, combine_mean, cut_min_score, digest, mmr, page, rocchio,
-    unit,
+    unit, within_bytes,
 )
 from gateway.settings import GatewaySettings
 from gateway.shards import ShardSet
@@ -87,9 +88,14 @@ class Searcher:
         if diverse:
             ranked = mmr(ranked, top_k, request.diversity)
         chunk, following = page(ranked[:top_k], offset, plan.page_size)
+        metadata = [select_keys(c.metadata, request.metadata_keys) for c in chunk]
+        fits = within_bytes([metadata_bytes(m) for m in metadata], self.settings.max_response_metadata_bytes)
+        if fits < len(chunk):  # the page ends early; the next one starts where it stopped
+            chunk, following = chunk[:fits], offset + fits
         with_url = "url" in request.hit_fields
         return SearchResult(
-            hits=[Hit(c.id, c.score, self._url(name, c.id) if with_url else "", c.metadata) for c in chunk],
+            hits=[Hit(c.id, c.score, self._url(name, c.id) if with_url else "", m)
+                  for c, m in zip(chunk, metadata)],
             next_page_token=self.tokens.issue("search", key, o=following) if following is not None else "",
             missing_shards=missing,
         )

@@ -64,6 +64,17 @@ def part_in(part: gpb.QueryPart) -> types.QueryPart:
     return out
 
 
+def read_mask_in(paths) -> dict:
+    """hit_fields and metadata_keys of a read mask: a path "metadata.<key>" asks for that
+    metadata key alone (and implies "metadata"); "metadata" asks for every key."""
+    fields = {path for path in paths if not path.startswith("metadata.")}
+    keys = tuple(sorted({path[len("metadata."):] for path in paths if path.startswith("metadata.")}))
+    if keys:
+        fields.add("metadata")
+    return {"hit_fields": frozenset(fields) or types.HIT_FIELDS,
+            "metadata_keys": keys if keys and "metadata" not in paths else None}
+
+
 def search_in(request: gpb.SearchImagesRequest) -> types.SearchRequest:
     feedback = request.feedback
     return types.SearchRequest(
@@ -80,7 +91,7 @@ def search_in(request: gpb.SearchImagesRequest) -> types.SearchRequest:
         page_token=request.page_token,
         nprobe=request.params.nprobe,
         ef_search=request.params.ef_search,
-        hit_fields=frozenset(request.read_mask.paths) or types.HIT_FIELDS,
+        **read_mask_in(request.read_mask.paths),
     )
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import field
 from typing import Sequence
 
+from clipsearch.metadata import MetadataLimits
 from clipsearch.server.settings import ServerSettings, SettingsError, load_settings
 
 SHARD_FAILURE_POLICIES = ("fail", "partial")
@@ -64,6 +65,26 @@ class GatewaySettings(ServerSettings):
     text_cache_size: int = field(default=4096, metadata={"help": "text embeddings kept in the LRU cache (0 = off)"})
     max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "largest image accepted, in bytes"})
     max_upload_items: int = field(default=256, metadata={"help": "most images in one UploadImages call"})
+    max_metadata_keys: int = field(
+        default=MetadataLimits.max_keys_per_item,
+        metadata={"help": "most metadata keys on one image, counting the 3-4 the gateway sets (filename, ...)"},
+    )
+    max_metadata_key_bytes: int = field(
+        default=MetadataLimits.max_key_bytes, metadata={"help": "longest metadata key, in UTF-8 bytes"}
+    )
+    max_metadata_value_bytes: int = field(
+        default=MetadataLimits.max_value_bytes,
+        metadata={"help": "largest metadata value, in UTF-8 bytes (a number or timestamp counts 8)"},
+    )
+    max_metadata_bytes: int = field(
+        default=MetadataLimits.max_item_bytes,
+        metadata={"help": "most metadata bytes (keys + values) on one image; keep the index's limits at least this"},
+    )
+    max_response_metadata_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata={"help": "metadata bytes in one SearchImages or ListImages response; a page that would pass "
+                          "it ends early with a next_page_token"},
+    )
     max_in_flight_mb: int = field(
         default=256,
         metadata={"help": "budget of request bytes (images, query parts) held by admitted searches and uploads, in "
@@ -100,6 +121,12 @@ class GatewaySettings(ServerSettings):
     internal_tls_server_name: str = field(
         default="", metadata={"help": "expected server name in internal certificates (overrides the host)"}
     )
+
+    def metadata_limits(self) -> MetadataLimits:
+        return MetadataLimits(
+            max_keys_per_item=self.max_metadata_keys, max_key_bytes=self.max_metadata_key_bytes,
+            max_value_bytes=self.max_metadata_value_bytes, max_item_bytes=self.max_metadata_bytes,
+        )
 
     def validate(self) -> "GatewaySettings":
         if self.shard_failure_policy not in SHARD_FAILURE_POLICIES:

@@ -35,7 +35,7 @@ from clipsearch.vectors import pack_matrix, unpack_vector
 
 from gateway import metrics
 from gateway.deadline import Deadline
-from gateway.rpc import make_channel, translate
+from gateway.rpc import call_metadata, make_channel, translate
 from gateway.search import Candidate, rank
 from gateway.settings import GatewaySettings
 from gateway.types import CollectionInfo, Condition, Metadata
@@ -133,10 +133,12 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return self.address
+        """The shard's public name, "shard-N" (N: its position in the ``index`` setting, from 0);
+        its address stays in the logs."""
+        return f"shard-{self.index}"
 
     def describe(self) -> str:
-        return f"index shard {self.index} ({self.address})"
+        return f"index {self.name}"
 
 
 class ShardSet:
@@ -166,10 +168,10 @@ class ShardSet:
     async def _call(self, shard: Shard, method: str, request, deadline: Deadline):
         timeout = deadline.timeout(self.settings.index_timeout_seconds)
         try:
-            return await getattr(shard.stub, method)(request, timeout=timeout)
+            return await getattr(shard.stub, method)(request, timeout=timeout, metadata=call_metadata())
         except grpc.aio.AioRpcError as error:
             metrics.SHARD_ERRORS.labels(shard.name, method, error.code().name).inc()
-            raise translate(error, f"{shard.describe()} {method}") from None
+            raise translate(error, f"{shard.describe()} {method}", shard.address) from None
 
     async def _fan_out(self, method: str, make_request: Callable[[Shard], Any], deadline: Deadline,
                        shards: Sequence[Shard] | None = None) -> list[Any]:
@@ -331,6 +333,11 @@ class ShardSet:
         self._raise_first(results)
         records = sorted((r for response in results for r in response.records), key=lambda r: r.id)
         more = len(records) > page_size or any(response.next_page_token for response in results)
+        # A shard may end its page early (its metadata budget): nothing past its last id is
+        # known to be complete, so the merged page stops there too.
+        cut = min((response.next_page_token for response in results if response.next_page_token), default=None)
+        if cut is not None:
+            records = [r for r in records if r.id <= cut]
         return [_record(r, False) for r in records[:page_size]], more
 
     # ------------------------------------------------------------------ collections

@@ -81,8 +81,9 @@ class ImageStorage(abc.ABC):
             raise Unavailable(f"{self.backend} storage {op} took longer than {self.timeout_seconds:.0f}s") from None
         except Exception as exc:  # noqa: BLE001 - any backend failure is "storage unavailable"
             metrics.STORAGE_ERRORS.labels(self.backend, op).inc()
-            log.warning("%s storage %s failed: %s", self.backend, op, exc)
-            raise Unavailable(f"{self.backend} storage {op} failed: {type(exc).__name__}: {exc}") from exc
+            # The exception names endpoints, buckets and object keys: the log keeps them, the caller gets none.
+            log.warning("%s storage %s failed: %s: %s", self.backend, op, type(exc).__name__, exc)
+            raise Unavailable(f"image storage is unavailable ({op} failed); retry later") from exc
         finally:
             metrics.STORAGE_OP_SECONDS.labels(self.backend, op).observe(time.perf_counter() - started)
 

@@ -68,6 +68,7 @@ class SearchRequest:
     nprobe: int = 0
     ef_search: int = 0
     hit_fields: frozenset[str] = HIT_FIELDS  # the read mask
+    metadata_keys: tuple[str, ...] | None = None  # read mask paths "metadata.<key>", sorted; None = every key
 
 
 @dataclass

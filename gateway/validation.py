@@ -9,6 +9,7 @@ from typing import Sequence
 
 from clipsearch.errors import InvalidArgument
 from clipsearch.image_formats import ACCEPTED_DESCRIPTION, sniff_content_type
+from clipsearch.metadata import MetadataLimits, check_metadata_limits
 from clipsearch.names import check_collection_name, check_image_id
 from clipsearch.paging import clamp_page_size
 
@@ -140,12 +141,15 @@ def check_filter(conditions: Sequence[Condition], field: str = "filter") -> None
                 raise InvalidArgument(f"{at}.range mixes numbers and timestamps", field=f"{at}.range")
 
 
-def check_metadata(metadata: Metadata, field: str) -> None:
+def check_metadata(metadata: Metadata, field: str, limits: MetadataLimits | None = None) -> None:
+    """Values must be set; with ``limits``, keys, values and the whole must fit them."""
     for key, value in metadata.items():
         if not key:
             raise InvalidArgument(f"{field}.metadata has an empty key", field=f"{field}.metadata")
         if value is None:
             raise InvalidArgument(f"{field}.metadata[{key!r}] has no value set", field=f"{field}.metadata")
+    if limits is not None:
+        check_metadata_limits(metadata, limits, f"{field}.metadata")
 
 
 def check_image_bytes(data: bytes, max_bytes: int, field: str) -> str:

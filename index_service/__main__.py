@@ -32,6 +32,7 @@ def build_engine(settings: IndexSettings) -> IndexEngine:
         auto_train=settings.auto_train,
         backup=backup,
         build_threads=settings.build_threads or None,
+        metadata_limits=settings.metadata_limits(),
     )
 
 

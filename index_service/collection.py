@@ -148,8 +148,9 @@ class Collection:
         return -1.0 if self.snapshot_time is None else time.time() - self.snapshot_time
 
     def memory_bytes(self) -> int:
+        """The FAISS indexes plus the metadata columns that filters read."""
         with self.rw.read():
-            return sum(shard.memory_bytes() for shard in self.shards)
+            return sum(shard.memory_bytes() for shard in self.shards) + self.columns.memory_bytes()
 
     # -- applying writes (caller holds write_lock) --------------------------
 
@@ -206,7 +207,6 @@ class Collection:
             grown = np.zeros(max(size, 2 * len(self.alive), 1024), dtype=bool)
             grown[: len(self.alive)] = self.alive
             self.alive = grown
-        self.columns.ensure_capacity(size)
 
     def _by_shard(
         self, internal_ids: np.ndarray, vectors: np.ndarray | None = None
@@ -321,18 +321,45 @@ class Collection:
 
     # -- snapshots (caller holds write_lock) --------------------------------
 
+    def remove_snapshot_leftovers(self) -> int:
+        """Deletes what interrupted snapshots left (``.tmp`` files, shard files the manifest
+        does not name); returns the bytes freed. With no readable manifest every file goes."""
+        if not self.snapshot_dir.is_dir():
+            return 0
+        try:
+            keep = set(json.loads((self.snapshot_dir / MANIFEST).read_text())["shards"]) | {MANIFEST}
+        except (OSError, ValueError, KeyError, TypeError):
+            keep = set()
+        freed = 0
+        for path in self.snapshot_dir.iterdir():
+            if path.name not in keep and path.is_file():
+                freed += path.stat().st_size
+                path.unlink(missing_ok=True)
+        if freed:
+            log.info("collection %s: removed %d bytes of interrupted snapshots", self.name, freed)
+        return freed
+
     def write_snapshot(self) -> list[Path]:
-        """Writes every shard and then the manifest (the commit point); returns the files."""
+        """Writes every shard and then the manifest (the commit point); returns the files.
+
+        On disk there is at most the last snapshot plus the one being written: leftovers
+        of an earlier failed attempt are removed first, and a failure removes its own files."""
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        self.remove_snapshot_leftovers()
         token = uuid.uuid4().hex[:8]
         names = []
-        for shard_no, shard in enumerate(self.shards):
-            name = f"shard-{shard_no}-{self.applied_sequence}-{token}.faiss"
-            tmp = self.snapshot_dir / (name + ".tmp")
-            faiss.write_index(shard.index, str(tmp))
-            _fsync(tmp)
-            os.replace(tmp, self.snapshot_dir / name)
-            names.append(name)
+        try:
+            for shard_no, shard in enumerate(self.shards):
+                name = f"shard-{shard_no}-{self.applied_sequence}-{token}.faiss"
+                tmp = self.snapshot_dir / (name + ".tmp")
+                faiss.write_index(shard.index, str(tmp))
+                _fsync(tmp)
+                os.replace(tmp, self.snapshot_dir / name)
+                names.append(name)
+        except BaseException:
+            for path in self.snapshot_dir.glob(f"*-{token}.faiss*"):
+                path.unlink(missing_ok=True)
+            raise
         manifest = {
             "sequence": self.applied_sequence,
             "trained": [shard.trained for shard in self.shards],

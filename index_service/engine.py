@@ -46,6 +46,7 @@ from clipsearch.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from clipsearch.metadata import MetadataLimits, check_metadata_limits
 from clipsearch.names import check_collection_name
 from clipsearch.paging import clamp_page_size
 from index_service.backup import S3Backup
@@ -65,6 +66,8 @@ MAX_SHARDS = 64
 MAX_FINGERPRINT_LENGTH = 512
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# A page of list_vectors stops early once its metadata (as stored, JSON) passes this.
+MAX_PAGE_METADATA_BYTES = 16 * 1024 * 1024
 # k-means training sample: this many points per centroid (FAISS warns below 39).
 TRAIN_POINTS_PER_CENTROID = 40
 
@@ -117,6 +120,7 @@ class IndexEngine:
         auto_train: bool = True,
         backup: S3Backup | None = None,
         build_threads: int | None = None,
+        metadata_limits: MetadataLimits | None = None,
     ):
         """
         Args:
@@ -126,6 +130,7 @@ class IndexEngine:
             auto_train: train IVF/PQ indexes in the background once they hold enough vectors.
             backup: upload snapshots and the store there, and restore from it when ``data_dir`` is empty.
             build_threads: FAISS threads for training and bulk builds (default: every core).
+            metadata_limits: limits on each record's metadata and on a collection's distinct keys.
 
         "Every core" is ``$OMP_NUM_THREADS`` when set (a pod sets it to its CPU limit) else
         ``os.cpu_count()``; in-process shards are searched by a pool of that many threads.
@@ -135,6 +140,7 @@ class IndexEngine:
         self.snapshot_on_close = snapshot_on_close
         self.auto_train = auto_train
         self.backup = backup
+        self.metadata_limits = metadata_limits or MetadataLimits()
         omp_threads = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
         cores = int(omp_threads) if omp_threads.isdigit() and int(omp_threads) > 0 else os.cpu_count() or 1
         self.build_threads = build_threads or cores
@@ -210,6 +216,7 @@ class IndexEngine:
         started = time.perf_counter()
         spec = IndexSpec.parse(record.index_spec, record.dim, record.metric)
         collection = Collection(record, spec, store.metadata_kinds(record.uid), self._snapshot_dir(record.uid))
+        collection.remove_snapshot_leftovers()
         collection.load_records(store.iter_records(record.uid))
         snapshot = collection.read_snapshot(store.sequence())
         if snapshot is not None:
@@ -340,10 +347,10 @@ class IndexEngine:
         _check_fingerprint(col, model_fingerprint)
         ids = _check_ids(ids)
         vectors = _check_matrix(vectors, col.dim, "vectors", rows=len(ids))
-        records = _check_metadata(metadata, len(ids))
+        records = _check_metadata(metadata, len(ids), self.metadata_limits)
         with col.write_lock:
             _check_not_deleted(col)
-            new_kinds = col.columns.new_kinds(records)
+            new_kinds = col.columns.new_kinds(records, max_keys=self.metadata_limits.max_collection_keys)
             retired = np.array([col.id_to_internal[i] for i in ids if i in col.id_to_internal], dtype=np.int64)
             first = col.next_internal_id
             internal_ids = np.arange(first, first + len(ids), dtype=np.int64)
@@ -454,15 +461,18 @@ class IndexEngine:
     def list_vectors(
         self, collection: str, page_size: int = 0, page_token: str = "", include_metadata: bool = False
     ) -> tuple[list[Record], str]:
-        """Records with ids after ``page_token``, ascending; returns (page, next_page_token or "")."""
+        """Records with ids after ``page_token``, ascending; returns (page, next_page_token or "").
+        A page ends early (with a token) once its metadata passes ``MAX_PAGE_METADATA_BYTES``."""
         col = self._collection(collection)
         size = clamp_page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         rows = self._store().page(col.uid, page_token, size + 1, include_metadata)
-        records = [
-            Record(record_id, col.columns.decode(metadata) if include_metadata else None)
-            for record_id, metadata in rows[:size]
-        ]
-        return records, (records[-1].id if len(rows) > size else "")
+        records, budget = [], MAX_PAGE_METADATA_BYTES
+        for record_id, metadata in rows[:size]:
+            if records and budget < 0:
+                break
+            budget -= len(metadata or "")
+            records.append(Record(record_id, col.columns.decode(metadata) if include_metadata else None))
+        return records, (records[-1].id if len(rows) > len(records) else "")
 
     # -- training and background builds ---------------------------------------------
 
@@ -675,12 +685,15 @@ def _check_matrix(matrix: Any, dim: int, field: str, rows: int | None = None) ->
     return np.ascontiguousarray(array)
 
 
-def _check_metadata(metadata: Sequence[Mapping[str, Any] | None] | None, count: int) -> list:
+def _check_metadata(metadata: Sequence[Mapping[str, Any] | None] | None, count: int,
+                    limits: MetadataLimits) -> list:
     if not metadata:
         return [None] * count
     if len(metadata) != count:
         raise InvalidArgument(f"metadata has {len(metadata)} entries for {count} ids; send none or one per id",
                               field="metadata")
+    for position, record in enumerate(metadata):
+        check_metadata_limits(record or {}, limits, f"metadata[{position}]")
     return list(metadata)
 
 

@@ -2,12 +2,18 @@
 in-memory columns that evaluate filters with numpy.
 
 Each metadata key of a collection has one kind, fixed by its first value:
-``string``, ``number`` or ``timestamp``. Columns are indexed by internal id
-(ids are never reused, so a write only ever fills fresh slots):
+``string``, ``number`` or ``timestamp``. Columns are sparse: a key's column
+holds the internal ids of the records that carry it and their values, so
+filter memory grows with the (record, key) pairs stored, never with keys x
+capacity. Ids are never reused, so a write only appends. Values are encoded as
 
-- number: float64, NaN where missing;
-- timestamp: int64 microseconds since the epoch (UTC), ``MISSING_TIME`` where missing;
-- string: int32 codes into a per-key vocabulary, -1 where missing.
+- number: float64;
+- timestamp: int64 microseconds since the epoch (UTC);
+- string: int32 codes into a per-key vocabulary.
+
+A filter turns each condition into a bool mask over internal ids by matching
+a column's values and scattering the matching ids; the collection hands the
+mask to FAISS as an IDSelector.
 """
 
 from __future__ import annotations
@@ -23,10 +29,9 @@ import numpy as np
 from clipsearch.errors import UNKNOWN_FILTER_KEY, InvalidArgument
 
 STRING, NUMBER, TIMESTAMP = "string", "number", "timestamp"
-MISSING_TIME = np.iinfo(np.int64).min
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 RANGE_BOUNDS = ("gte", "gt", "lte", "lt")
-MAX_KEY_LENGTH = 256
+DTYPES = {STRING: np.int32, NUMBER: np.float64, TIMESTAMP: np.int64}
 
 
 def kind_of(value: Any, field: str) -> str:
@@ -89,32 +94,57 @@ def parse_filter(spec: FilterSpec) -> list[Condition]:
     return conditions
 
 
+class SparseColumn:
+    """The (internal id, value) pairs of one key, in arrays grown by doubling."""
+
+    __slots__ = ("ids", "values", "size")
+
+    def __init__(self, dtype: Any):
+        self.ids = np.empty(4, dtype=np.int64)
+        self.values = np.empty(4, dtype=dtype)
+        self.size = 0
+
+    def append(self, internal_id: int, value: Any) -> None:
+        if self.size == len(self.ids):
+            self.ids = np.resize(self.ids, 2 * self.size)
+            self.values = np.resize(self.values, 2 * self.size)
+        self.ids[self.size] = internal_id
+        self.values[self.size] = value
+        self.size += 1
+
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.values.nbytes
+
+
 class MetadataColumns:
-    """Typed metadata columns over the internal ids of one collection."""
+    """Typed, sparse metadata columns over the internal ids of one collection."""
 
     def __init__(self, kinds: Mapping[str, str] | None = None):
-        self.kinds: dict[str, str] = dict(kinds or {})
-        self.capacity = 0
-        self.columns: dict[str, np.ndarray] = {}
+        self.kinds: dict[str, str] = {}
+        self.columns: dict[str, SparseColumn] = {}
         self.vocabularies: dict[str, dict[str, int]] = {}
-        for key, kind in self.kinds.items():
-            self._add_column(key, kind)
+        self.add_kinds(kinds or {})
 
     # -- writes -----------------------------------------------------------
 
-    def new_kinds(self, records: Sequence[Mapping[str, Any] | None], field: str = "metadata") -> dict[str, str]:
-        """Checks every record against the known kinds; returns the kinds of keys seen for the first time."""
+    def new_kinds(self, records: Sequence[Mapping[str, Any] | None], field: str = "metadata",
+                  max_keys: int | None = None) -> dict[str, str]:
+        """Checks every record against the known kinds; returns the kinds of keys seen for the first time.
+        InvalidArgument when they would take the collection past ``max_keys`` distinct keys."""
         new: dict[str, str] = {}
         for position, record in enumerate(records):
             for key, value in (record or {}).items():
                 where = f"{field}[{position}].{key}"
-                if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
-                    raise InvalidArgument(
-                        f"{field}[{position}] has key {key!r}; keys are non-empty strings of at most "
-                        f"{MAX_KEY_LENGTH} characters",
-                        field=f"{field}[{position}]",
-                    )
+                if not isinstance(key, str) or not key:
+                    raise InvalidArgument(f"{field}[{position}] has an empty key", field=f"{field}[{position}]")
                 kind = kind_of(value, where)
+                if max_keys is not None and key not in self.kinds and key not in new \
+                        and len(self.kinds) + len(new) >= max_keys:
+                    raise InvalidArgument(
+                        f"{field}[{position}] adds key {key[:64]!r}, but the collection already has "
+                        f"{len(self.kinds) + len(new)} distinct metadata keys; the limit is {max_keys} per "
+                        "collection. Reuse existing keys (put varying names in values)",
+                        field=f"{field}[{position}]", reason="METADATA_TOO_MANY_COLLECTION_KEYS")
                 expected = self.kinds.get(key) or new.setdefault(key, kind)
                 if kind != expected:
                     raise InvalidArgument(
@@ -147,37 +177,26 @@ class MetadataColumns:
     def add_kinds(self, kinds: Mapping[str, str]) -> None:
         for key, kind in kinds.items():
             self.kinds[key] = kind
-            self._add_column(key, kind)
+            self.columns[key] = SparseColumn(DTYPES[kind])
+            if kind == STRING:
+                self.vocabularies[key] = {}
 
     def set_records(self, internal_ids: Sequence[int], records: Iterable[Mapping[str, Any] | None]) -> None:
-        """Fills the columns of fresh internal ids (grow with ``ensure_capacity`` first)."""
+        """Adds the values of fresh internal ids."""
         for internal_id, record in zip(internal_ids, records):
             for key, value in (record or {}).items():
-                column = self.columns[key]
                 kind = self.kinds[key]
                 if kind == STRING:
                     vocabulary = self.vocabularies[key]
-                    column[internal_id] = vocabulary.setdefault(value, len(vocabulary))
+                    value = vocabulary.setdefault(value, len(vocabulary))
                 elif kind == TIMESTAMP:
-                    column[internal_id] = to_micros(value)
-                else:
-                    column[internal_id] = value
+                    value = to_micros(value)
+                self.columns[key].append(int(internal_id), value)
 
-    def ensure_capacity(self, size: int) -> None:
-        if size <= self.capacity:
-            return
-        capacity = max(size, 2 * self.capacity, 1024)
-        for key, column in self.columns.items():
-            grown = np.full(capacity, _missing(self.kinds[key]), dtype=column.dtype)
-            grown[: len(column)] = column
-            self.columns[key] = grown
-        self.capacity = capacity
-
-    def _add_column(self, key: str, kind: str) -> None:
-        dtype = {STRING: np.int32, NUMBER: np.float64, TIMESTAMP: np.int64}[kind]
-        self.columns[key] = np.full(self.capacity, _missing(kind), dtype=dtype)
-        if kind == STRING:
-            self.vocabularies[key] = {}
+    def memory_bytes(self) -> int:
+        """A rough size of the columns and vocabularies (keys and strings at their UTF-8 length + 64)."""
+        total = sum(column.nbytes() + len(key) + 64 for key, column in self.columns.items())
+        return total + sum(len(text) + 64 for vocabulary in self.vocabularies.values() for text in vocabulary)
 
     # -- filters ----------------------------------------------------------
 
@@ -189,7 +208,12 @@ class MetadataColumns:
         checked = [self._check(condition, f"{field}.conditions[{i}]") for i, condition in enumerate(conditions)]
         mask = np.ones(size, dtype=bool)
         for condition, kind in checked:
-            mask &= self._match(condition, kind, self.columns[condition.key][:size])
+            column = self.columns[condition.key]
+            ids = column.ids[: column.size]
+            matched = ids[self._match(condition, kind, column.values[: column.size])]
+            condition_mask = np.zeros(size, dtype=bool)
+            condition_mask[matched[matched < size]] = True
+            mask &= condition_mask
         return mask
 
     def _check(self, condition: Condition, where: str) -> tuple[Condition, str]:
@@ -246,7 +270,7 @@ class MetadataColumns:
             return column == encoded(condition.value)
         if condition.op == "in":
             return np.isin(column, [encoded(v) for v in condition.value])
-        mask = column != MISSING_TIME if kind == TIMESTAMP else ~np.isnan(column)
+        mask = np.ones(len(column), dtype=bool)
         for bound, value in condition.value.items():
             target = encoded(value)
             if bound == "gte":
@@ -258,7 +282,3 @@ class MetadataColumns:
             else:
                 mask &= column < target
         return mask
-
-
-def _missing(kind: str) -> Any:
-    return {STRING: -1, NUMBER: np.nan, TIMESTAMP: MISSING_TIME}[kind]

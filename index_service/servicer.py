@@ -55,7 +55,7 @@ def conditions_from_proto(message: common_pb2.Filter) -> list[Condition]:
 
 
 def _value(message: common_pb2.MetadataValue, field: str):
-    converted = value_from_proto(message)
+    converted = value_from_proto(message, field)
     if converted is None:
         raise InvalidArgument(f"{field} has no value set", field=field)
     return converted

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from clipsearch.metadata import MetadataLimits
 from clipsearch.server.settings import ServerSettings
+
+_LIMITS = MetadataLimits()
 
 
 @dataclass
@@ -37,3 +40,27 @@ class IndexSettings(ServerSettings):
         default="", metadata={"help": "S3 endpoint URL for MinIO or a test server (empty: AWS); credentials "
                                       "come from boto3's standard chain"}
     )
+    max_metadata_keys: int = field(
+        default=_LIMITS.max_keys_per_item, metadata={"help": "most metadata keys on one vector"}
+    )
+    max_metadata_key_bytes: int = field(
+        default=_LIMITS.max_key_bytes, metadata={"help": "longest metadata key, in UTF-8 bytes"}
+    )
+    max_metadata_value_bytes: int = field(
+        default=_LIMITS.max_value_bytes,
+        metadata={"help": "largest metadata value, in UTF-8 bytes (a number or timestamp counts 8)"},
+    )
+    max_metadata_bytes: int = field(
+        default=_LIMITS.max_item_bytes, metadata={"help": "most metadata bytes (keys + values) on one vector"}
+    )
+    max_collection_metadata_keys: int = field(
+        default=_LIMITS.max_collection_keys,
+        metadata={"help": "most distinct metadata (filterable) keys in one collection on this shard"},
+    )
+
+    def metadata_limits(self) -> MetadataLimits:
+        return MetadataLimits(
+            max_keys_per_item=self.max_metadata_keys, max_key_bytes=self.max_metadata_key_bytes,
+            max_value_bytes=self.max_metadata_value_bytes, max_item_bytes=self.max_metadata_bytes,
+            max_collection_keys=self.max_collection_metadata_keys,
+        )

@@ -41,10 +41,10 @@ def test_shard_failure_policies(cluster):
     with pytest.raises(grpc.RpcError) as err:
         fail_client.search(query, top_k=16, timeout=10)  # the gateway must answer before this deadline
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert shards[1].address in err.value.details()
+    assert "shard-1" in err.value.details() and shards[1].address not in err.value.details()
 
     response = partial_client.search(query, top_k=16, timeout=10)
-    assert response.partial and list(response.missing_shards) == [shards[1].address]
+    assert response.partial and list(response.missing_shards) == ["shard-1"]
     assert {h.id for h in response.hits} == survivors
 
     # Writes to the dead shard fail per item; the others go through.

@@ -4,6 +4,7 @@ engine errors (``clipsearch.errors``) sent as rich gRPC statuses (``clipsearch.s
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from clipsearch.status import status_for_error
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 STARTED = Counter(
     "grpc_server_started_total", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"]
@@ -48,7 +50,7 @@ def _tolerant(deserializer):
         try:
             return deserializer(data)
         except (DecodeError, ValueError, UnicodeDecodeError) as exc:
-            return _Undecodable(str(exc) or type(exc).__name__)
+            return _Undecodable(str(exc) or "malformed bytes")
 
     return deserialize
 
@@ -80,6 +82,10 @@ def _request_id(metadata) -> str:
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Metrics, request ids and error mapping around every unary method.
 
+    Every error carries the call's request id (from the caller's ``x-request-id``, or a
+    new one) in the trailing metadata ``x-request-id``; the logs carry it too. An
+    unexpected exception answers INTERNAL with that id and nothing of the exception.
+
     It runs on every call, so the wrapped handler of each method is built once
     and reused while the handler underneath stays the same object (the generated
     servicer's handlers do; a handler made per call, such as an auth refusal, is
@@ -109,7 +115,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         async def observed(request, context: grpc.aio.ServicerContext):
             metrics.started.inc()
-            token = REQUEST_ID.set(_request_id(context.invocation_metadata()))
+            request_id = _request_id(context.invocation_metadata())
+            token = REQUEST_ID.set(request_id)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -121,9 +128,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 return await behavior(request, context)
             except ClipsearchError as error:
                 code = grpc.StatusCode[error.code]
+                if code in _RETRYABLE:  # nothing to fix but to retry, or to report the id
+                    error = copy.copy(error)
+                    error.message = f"{error.message} (request id {request_id})"
                 status = status_for_error(error)
                 log.info("%s/%s -> %s: %s", service, method, error.code, error.message)
-                await context.abort(status.code, status.details, status.trailing_metadata)
+                await context.abort(status.code, status.details,
+                                    tuple(status.trailing_metadata) + ((REQUEST_ID_HEADER, request_id),))
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -133,8 +144,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = context_code  # the servicer aborted on purpose
                     raise
                 code = grpc.StatusCode.INTERNAL
+                # The exception's class, text and traceback go to the log only: they name paths and internals.
                 log.exception("%s/%s failed", service, method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+                await context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error in {method}; report request id {request_id} (the server log has the details)",
+                    ((REQUEST_ID_HEADER, request_id),),
+                )
             finally:
                 metrics.handled(code).inc()
                 metrics.seconds.observe(time.perf_counter() - started)
