@@ -18,7 +18,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpu_flags": cpu_flags()}
     try:
         import torch
 
@@ -28,6 +29,18 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def cpu_flags() -> str:
+    """The CPU's vector extensions that FAISS and torch use (AVX2, AVX-512), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    flags = set(line.split(":", 1)[-1].split())
+    found = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f")) if flag in flags]
+    return "+".join(found) or "no AVX2"
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
