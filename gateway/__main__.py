@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -16,7 +18,8 @@ from clipsearch.server.app import GrpcService, Registration, run_until_signalled
 from clipsearch.server.logs import configure_logging
 from clipsearch.server.settings import SettingsError
 
-from gateway.auth import ApiKeys, AuthInterceptor
+from gateway.access import KeyRing, SourceAllowList
+from gateway.auth import AuthInterceptor
 from gateway.engine import Gateway
 from gateway.imports import ImportJobs
 from gateway.repair import RepairJobs
@@ -41,21 +44,24 @@ class Parts:
         await self.engine.close()
 
 
-def build_service(settings: GatewaySettings) -> tuple[GrpcService, Parts]:
+def build_service(settings: GatewaySettings) -> tuple[GrpcService, Parts, KeyRing]:
     engine = Gateway(settings)
     parts = Parts(
         engine,
         ImportJobs(settings, engine.collections, engine.ingestor),
         RepairJobs(settings, engine.collections, engine.shards, engine.storage, engine.ingestor),
     )
-    keys = ApiKeys(settings.api_keys, settings.api_keys_file)
+    keys = KeyRing(settings.api_keys_file, SourceAllowList(settings.import_sources),
+                   settings.api_keys_reload_seconds)
     registration = Registration(
         gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"],
         gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server,
         GatewayServicer(engine, parts.imports, parts.repairs),
     )
-    service = GrpcService(settings, [registration], name="gateway", extra_interceptors=[AuthInterceptor(keys)])
-    return service, parts
+    auth = AuthInterceptor(keys, settings.default_collection, reflection_needs_key=settings.reflection == "auth")
+    service = GrpcService(settings, [registration], name="gateway", extra_interceptors=[auth],
+                          reflection=settings.reflection != "off")
+    return service, parts, keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(settings: GatewaySettings) -> None:
     # Built inside the running loop: grpc.aio channels belong to the loop that made them.
-    service, parts = build_service(settings)
+    service, parts, keys = build_service(settings)
+    if keys.enabled:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keys.reload)
     await run_until_signalled(service, load=parts.start, shutdown=parts.close, port_file=settings.port_file)
 
 

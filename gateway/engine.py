@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Callable
 
 from clipsearch.errors import ClipsearchError, NotFound
 from clipsearch.metadata import metadata_bytes
@@ -24,7 +25,9 @@ from gateway.settings import GatewaySettings
 from gateway.shards import Record, ShardSet
 from gateway.storage import ImageStorage, image_deletion_marker, make_storage
 from gateway.types import CollectionDeletion, CollectionInfo, Image, SearchRequest, SearchResult, UploadItem, UploadResult
-from gateway.validation import DEFAULT_LIST_PAGE_SIZE, MAX_PAGE_SIZE, check_image_id, check_upload, clamp_page_size
+from gateway.validation import (
+    DEFAULT_LIST_PAGE_SIZE, MAX_PAGE_SIZE, check_image_id, check_upload, clamp_page_size, url_ttl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,25 +92,27 @@ class Gateway:
 
     # ------------------------------------------------------------------ images
 
-    def _image(self, collection: str, record: Record) -> Image:
+    def _image(self, collection: str, record: Record, ttl_seconds: int) -> Image:
         size = record.metadata.get(META_SIZE)
         content_type = record.metadata.get(META_CONTENT_TYPE)
-        return Image(id=record.id, url=self.storage.url(collection, record.id), metadata=record.metadata,
+        return Image(id=record.id, url=self.storage.url(collection, record.id, ttl_seconds), metadata=record.metadata,
                      size_bytes=int(size) if isinstance(size, float) else 0,
                      content_type=content_type if isinstance(content_type, str) else "")
 
-    async def get_image(self, collection: str, image_id: str, deadline: Deadline) -> Image:
+    async def get_image(self, collection: str, image_id: str, deadline: Deadline, url_ttl_seconds: int = 0) -> Image:
         name = self.collections.resolve(collection)
         check_image_id(image_id)
+        ttl = url_ttl(url_ttl_seconds, self.settings)
         await self.collections.describe(name, deadline)
         record = (await self.shards.fetch(name, [image_id], deadline)).get(image_id)
         if record is None:
             raise NotFound(f"image {image_id} is not in collection {name!r}", field="id")
-        return self._image(name, record)
+        return self._image(name, record, ttl)
 
     async def list_images(self, collection: str, page_size: int, page_token: str, deadline: Deadline,
-                          ) -> tuple[list[Image], str]:
+                          url_ttl_seconds: int = 0) -> tuple[list[Image], str]:
         name = self.collections.resolve(collection)
+        ttl = url_ttl(url_ttl_seconds, self.settings)
         size = clamp_page_size(page_size, DEFAULT_LIST_PAGE_SIZE, MAX_PAGE_SIZE)
         after = str(self.tokens.open(page_token, "images", name)["a"]) if page_token else ""
         await self.collections.describe(name, deadline)
@@ -116,7 +121,7 @@ class Gateway:
         if fits < len(records):  # the page ends early, at the response's metadata budget
             records, more = records[:fits], True
         token = self.tokens.issue("images", name, a=records[-1].id) if more and records else ""
-        return [self._image(name, record) for record in records], token
+        return [self._image(name, record, ttl) for record in records], token
 
     async def delete_image(self, collection: str, image_id: str, deadline: Deadline) -> None:
         """Records the deletion, drops the vector (it leaves search at once), then the
@@ -148,10 +153,12 @@ class Gateway:
         return await self.collections.get(self.collections.resolve(name, "name"), deadline)
 
     async def list_collections(self, page_size: int, page_token: str, deadline: Deadline,
+                               visible: Callable[[str], bool] = lambda name: True,
                                ) -> tuple[list[CollectionInfo], str]:
+        """The collections ``visible`` accepts (the caller's readable ones), a page at a time."""
         size = clamp_page_size(page_size, DEFAULT_LIST_PAGE_SIZE, MAX_PAGE_SIZE)
         after = str(self.tokens.open(page_token, "collections", "")["a"]) if page_token else ""
-        collections = [c for c in await self.collections.list(deadline) if c.name > after]
+        collections = [c for c in await self.collections.list(deadline) if c.name > after and visible(c.name)]
         chunk = collections[:size]
         token = self.tokens.issue("collections", "", a=chunk[-1].name) if len(collections) > size else ""
         return chunk, token

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
-from clipsearch.errors import (
-    ClipsearchError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable,
-)
+from clipsearch.errors import ClipsearchError, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from clipsearch.image_formats import is_image_file_name
-from clipsearch.s3 import is_missing_error, make_s3_client, parse_s3_uri
+from clipsearch.s3 import is_missing_error, make_s3_client
 
 from gateway import metrics
+from gateway.access import SourceAllowList, source_place
 from gateway.collections import Collections
 from gateway.deadline import Deadline
 from gateway.ingest import Ingestor
@@ -158,6 +157,7 @@ class ImportJobs:
         self.ingestor = ingestor
         self.store: JobStore[ImportJob] = JobStore(Path(settings.data_dir).expanduser() / "imports", ImportJob,
                                                    JOB_ID_PATTERN)
+        self.allowed = SourceAllowList(settings.import_sources)
         self._s3 = None
 
     async def start(self) -> None:
@@ -176,29 +176,23 @@ class ImportJobs:
         await self.store.close()
 
     def _source(self, source: str) -> Source:
-        source = source.strip()
-        if not source:
+        """The source, once it is inside the gateway's import_sources allow-list; nothing
+        is listed or read before that check."""
+        if not source.strip():
             raise InvalidArgument("source is empty: give s3://bucket/prefix or a folder path", field="source")
-        if source.startswith("s3://"):
-            location = parse_s3_uri(source, field="source")
-            if self._s3 is None:
-                self._s3 = make_s3_client(self.settings.s3_endpoint_url, self.settings.s3_region,
-                                          timeout_seconds=self.settings.storage_timeout_seconds)
-            return S3Source(location.bucket, location.key.lstrip("/"), self._s3)
-        if "://" in source:
-            raise InvalidArgument(f"source {source!r} must be s3://bucket/prefix or a folder path", field="source")
-        if not self.settings.import_roots:
-            raise FailedPrecondition(
-                "imports from local folders are disabled on this gateway; its operator can allow folders with "
-                "--import-roots (or import from s3://bucket/prefix)", reason="LOCAL_IMPORT_DISABLED",
-            )
-        path = Path(os.path.realpath(os.path.expanduser(source)))
-        roots = [Path(os.path.realpath(os.path.expanduser(r))) for r in self.settings.import_roots]
-        if not any(path == root or path.is_relative_to(root) for root in roots):
+        place = source_place(source)
+        if not self.allowed.allows(place):
             raise PermissionDenied(
-                f"source folder {source!r} is outside the folders this gateway may import from", field="source",
+                f"source {str(place)[:200]!r} is outside the places this gateway may import from"
+                + ("" if self.allowed else " (imports are off: its operator lists them in --import-sources)"),
+                field="source", reason="IMPORT_SOURCE_NOT_ALLOWED",
             )
-        return LocalSource(path)
+        if place.path is not None:
+            return LocalSource(place.path)
+        if self._s3 is None:
+            self._s3 = make_s3_client(self.settings.s3_endpoint_url, self.settings.s3_region,
+                                      timeout_seconds=self.settings.storage_timeout_seconds)
+        return S3Source(place.bucket, place.prefix, self._s3)
 
     async def import_images(self, collection: str, source_uri: str, metadata: Metadata) -> ImportJob:
         collection = self.collections.resolve(collection)

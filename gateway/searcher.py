@@ -26,7 +26,7 @@ from gateway.storage import ImageStorage
 from gateway.types import (
     AGGREGATION_MAX, CollectionInfo, Feedback, Hit, QueryPart, SearchRequest, SearchResult,
 )
-from gateway.validation import check_image_bytes, check_search
+from gateway.validation import check_image_bytes, check_search, url_ttl
 
 
 def query_digest(request: SearchRequest, collection: str) -> str:
@@ -49,6 +49,7 @@ class Searcher:
     async def search(self, request: SearchRequest, deadline: Deadline) -> SearchResult:
         name = self.collections.resolve(request.collection)
         plan = check_search(request)
+        ttl = url_ttl(request.url_ttl_seconds, self.settings)
         for i, part in enumerate(request.parts):
             if part.image_data is not None:
                 check_image_bytes(part.image_data, self.settings.max_image_bytes, f"parts[{i}].image_data")
@@ -94,15 +95,15 @@ class Searcher:
             chunk, following = chunk[:fits], offset + fits
         with_url = "url" in request.hit_fields
         return SearchResult(
-            hits=[Hit(c.id, c.score, self._url(name, c.id) if with_url else "", m)
+            hits=[Hit(c.id, c.score, self._url(name, c.id, ttl) if with_url else "", m)
                   for c, m in zip(chunk, metadata)],
             next_page_token=self.tokens.issue("search", key, o=following) if following is not None else "",
             missing_shards=missing,
         )
 
-    def _url(self, collection: str, image_id: str) -> str:
+    def _url(self, collection: str, image_id: str, ttl_seconds: int) -> str:
         try:
-            return self.storage.url(collection, image_id)
+            return self.storage.url(collection, image_id, ttl_seconds)
         except InvalidArgument:  # an id written to the index by something other than the gateway
             return ""
 

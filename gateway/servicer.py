@@ -12,10 +12,11 @@ from clipsearch.gateway.v1 import gateway_service_pb2 as gpb
 from clipsearch.gateway.v1 import gateway_service_pb2_grpc
 from clipsearch.index.v1 import index_service_pb2 as ipb
 from clipsearch.item_status import item_status
+from clipsearch.keys import READ
 from clipsearch.errors import error_for_code
 from clipsearch.metadata import metadata_to_proto, value_from_proto
 
-from gateway import types
+from gateway import access, types
 from gateway.deadline import Deadline
 from gateway.engine import Gateway
 from gateway.imports import ImportJobs
@@ -92,6 +93,7 @@ def search_in(request: gpb.SearchImagesRequest) -> types.SearchRequest:
         nprobe=request.params.nprobe,
         ef_search=request.params.ef_search,
         **read_mask_in(request.read_mask.paths),
+        url_ttl_seconds=request.url_ttl_seconds,
     )
 
 
@@ -167,12 +169,13 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         ])
 
     async def GetImage(self, request, context):
-        image = await self.engine.get_image(request.collection, request.id, deadline_of(context))
+        image = await self.engine.get_image(request.collection, request.id, deadline_of(context),
+                                            request.url_ttl_seconds)
         return gpb.GetImageResponse(image=image_out(image))
 
     async def ListImages(self, request, context):
         images, token = await self.engine.list_images(request.collection, request.page_size, request.page_token,
-                                                      deadline_of(context))
+                                                      deadline_of(context), request.url_ttl_seconds)
         return gpb.ListImagesResponse(images=[image_out(i) for i in images], next_page_token=token)
 
     async def DeleteImage(self, request, context):
@@ -185,14 +188,18 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         return gpb.ImportImagesResponse(job=import_job_out(job))
 
     async def GetImportJob(self, request, context):
-        return gpb.GetImportJobResponse(job=import_job_out(self.imports.get(request.job_id)))
+        job = self.imports.get(request.job_id)
+        access.caller().require(READ, job.collection)
+        return gpb.GetImportJobResponse(job=import_job_out(job))
 
     async def RepairCollection(self, request, context):
         job = await self.repairs.repair(request.collection, request.dry_run)
         return gpb.RepairCollectionResponse(job=repair_job_out(job))
 
     async def GetRepairJob(self, request, context):
-        return gpb.GetRepairJobResponse(job=repair_job_out(self.repairs.get(request.job_id)))
+        job = self.repairs.get(request.job_id)
+        access.caller().require(READ, job.collection)
+        return gpb.GetRepairJobResponse(job=repair_job_out(job))
 
     async def CreateCollection(self, request, context):
         collection = await self.engine.create_collection(request.name, request.index_spec, request.num_shards,
@@ -205,7 +212,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
 
     async def ListCollections(self, request, context):
         collections, token = await self.engine.list_collections(request.page_size, request.page_token,
-                                                                deadline_of(context))
+                                                                deadline_of(context), access.caller().can_read)
         return gpb.ListCollectionsResponse(collections=[collection_out(c) for c in collections],
                                            next_page_token=token)
 

@@ -10,6 +10,7 @@ from clipsearch.metadata import MetadataLimits
 from clipsearch.server.settings import ServerSettings, SettingsError, load_settings
 
 SHARD_FAILURE_POLICIES = ("fail", "partial")
+REFLECTION_POLICIES = ("open", "auth", "off")
 
 
 @dataclasses.dataclass
@@ -26,13 +27,21 @@ class GatewaySettings(ServerSettings):
     s3_endpoint_url: str = field(default="", metadata={"help": "S3 endpoint (MinIO, a test server); empty = AWS"})
     s3_region: str = field(default="", metadata={"help": "S3 region; empty = boto3's default chain"})
     url_ttl_seconds: int = field(default=3600, metadata={"help": "lifetime of presigned S3 URLs in results"})
-    data_dir: str = field(default="./data/gateway", metadata={"help": "gateway state (import and repair jobs)"})
-    api_keys: list[str] = field(
-        default_factory=list,
-        metadata={"help": "accepted API keys (comma separated); with none here or in api_keys_file, auth is off"},
+    max_url_ttl_seconds: int = field(
+        default=24 * 3600, metadata={"help": "longest URL lifetime a request may ask for (url_ttl_seconds field)"}
     )
+    data_dir: str = field(default="./data/gateway", metadata={"help": "gateway state (import and repair jobs)"})
     api_keys_file: str = field(
-        default="", metadata={"help": "file with one API key per line (# comments); re-read when it changes"}
+        default="",
+        metadata={"help": "YAML keys file (ids, sha256 of secrets, scopes, import sources; see README Security); "
+                          "re-read when it changes or on SIGHUP; missing or invalid = no key valid. Empty = auth off"},
+    )
+    api_keys_reload_seconds: float = field(
+        default=2.0, metadata={"help": "how often a call checks whether api_keys_file changed"}
+    )
+    reflection: str = field(
+        default="open",
+        metadata={"help": "gRPC server reflection: 'open', 'auth' (any valid API key) or 'off'"},
     )
     default_collection: str = field(default="images", metadata={"help": "collection used when a request names none"})
     default_index_spec: str = field(default="Flat", metadata={"help": "FAISS spec of the auto-created collection"})
@@ -65,6 +74,16 @@ class GatewaySettings(ServerSettings):
     text_cache_size: int = field(default=4096, metadata={"help": "text embeddings kept in the LRU cache (0 = off)"})
     max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "largest image accepted, in bytes"})
     max_upload_items: int = field(default=256, metadata={"help": "most images in one UploadImages call"})
+    max_in_flight_mb: int = field(
+        default=256,
+        metadata={"help": "budget of request bytes (images, query parts) held by admitted searches and uploads, in "
+                          "MiB; a request that would pass it gets RESOURCE_EXHAUSTED with a retry hint (0 = none)"},
+    )
+    max_queue_wait_ms: float = field(
+        default=0.0,
+        metadata={"help": "most time the searches/uploads in flight plus a new one may be expected to take; longer "
+                          "gets RESOURCE_EXHAUSTED with a retry hint (0 = only the caller's deadline bounds it)"},
+    )
     max_metadata_keys: int = field(
         default=MetadataLimits.max_keys_per_item,
         metadata={"help": "most metadata keys on one image, counting the 3-4 the gateway sets (filename, ...)"},
@@ -85,16 +104,6 @@ class GatewaySettings(ServerSettings):
         metadata={"help": "metadata bytes in one SearchImages or ListImages response; a page that would pass "
                           "it ends early with a next_page_token"},
     )
-    max_in_flight_mb: int = field(
-        default=256,
-        metadata={"help": "budget of request bytes (images, query parts) held by admitted searches and uploads, in "
-                          "MiB; a request that would pass it gets RESOURCE_EXHAUSTED with a retry hint (0 = none)"},
-    )
-    max_queue_wait_ms: float = field(
-        default=0.0,
-        metadata={"help": "most time the searches/uploads in flight plus a new one may be expected to take; longer "
-                          "gets RESOURCE_EXHAUSTED with a retry hint (0 = only the caller's deadline bounds it)"},
-    )
     mmr_candidates: int = field(
         default=4, metadata={"help": "MMR re-ranks top_k * this many candidates (at most 1000)"}
     )
@@ -102,9 +111,10 @@ class GatewaySettings(ServerSettings):
         default="",
         metadata={"help": "HMAC key for page tokens; empty = random per process (set it when running replicas)"},
     )
-    import_roots: list[str] = field(
+    import_sources: list[str] = field(
         default_factory=list,
-        metadata={"help": "local folders ImportImages may read from (comma separated); empty = no local imports"},
+        metadata={"help": "where ImportImages may read from: s3://bucket/prefix and local folders (comma "
+                          "separated); empty = no imports. Each API key's import sources must lie inside"},
     )
     import_batch_size: int = field(default=32, metadata={"help": "images per import step"})
     import_max_images_per_second: float = field(
@@ -145,6 +155,12 @@ class GatewaySettings(ServerSettings):
             raise SettingsError(f"index lists a shard twice: {self.index}")
         if self.url_ttl_seconds <= 0 or self.url_ttl_seconds > 7 * 24 * 3600:
             raise SettingsError("url_ttl_seconds must be in 1..604800 (S3's limit is 7 days)")
+        if not self.url_ttl_seconds <= self.max_url_ttl_seconds <= 7 * 24 * 3600:
+            raise SettingsError("max_url_ttl_seconds must be in url_ttl_seconds..604800 (S3's limit is 7 days)")
+        if self.reflection not in REFLECTION_POLICIES:
+            raise SettingsError(f"reflection must be one of {REFLECTION_POLICIES}, got {self.reflection!r}")
+        if self.api_keys_reload_seconds <= 0:
+            raise SettingsError("api_keys_reload_seconds must be > 0")
         if bool(self.internal_tls_cert) != bool(self.internal_tls_key):
             raise SettingsError("internal_tls_cert and internal_tls_key go together (mTLS)")
         if self.internal_tls_cert and not self.internal_tls_ca:

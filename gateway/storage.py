@@ -121,8 +121,9 @@ class ImageStorage(abc.ABC):
         """Deletes every object of a collection; returns how many."""
 
     @abc.abstractmethod
-    def url(self, collection: str, image_id: str) -> str:
-        """A URL a client can fetch the object from (presigned for S3)."""
+    def url(self, collection: str, image_id: str, ttl_seconds: int = 0) -> str:
+        """A URL a client can fetch the object from (presigned for S3, valid ``ttl_seconds``;
+        0 = the storage's default)."""
 
     @abc.abstractmethod
     async def list_ids(self, collection: str, after: str, limit: int) -> list[str]:
@@ -241,7 +242,7 @@ class LocalStorage(ImageStorage):
 
         return await self._run("delete_collection", remove)
 
-    def url(self, collection: str, image_id: str) -> str:
+    def url(self, collection: str, image_id: str, ttl_seconds: int = 0) -> str:
         return self.path(collection, image_id).as_uri()
 
     async def list_ids(self, collection: str, after: str, limit: int) -> list[str]:
@@ -415,12 +416,12 @@ class S3Storage(ImageStorage):
         names = await self._list_keys(f"{self._prefix}{CONTROL_PREFIX}{prefix}", "", 1_000_000, "list_markers")
         return [prefix + name for name in names]
 
-    def url(self, collection: str, image_id: str) -> str:
+    def url(self, collection: str, image_id: str, ttl_seconds: int = 0) -> str:
         started = time.perf_counter()
         url = self.client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": self.key(collection, image_id)},
-            ExpiresIn=self.url_ttl_seconds,
+            ExpiresIn=ttl_seconds or self.url_ttl_seconds,
         )
         metrics.STORAGE_OP_SECONDS.labels(self.backend, "presign").observe(time.perf_counter() - started)
         return url

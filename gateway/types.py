@@ -69,6 +69,7 @@ class SearchRequest:
     ef_search: int = 0
     hit_fields: frozenset[str] = HIT_FIELDS  # the read mask
     metadata_keys: tuple[str, ...] | None = None  # read mask paths "metadata.<key>", sorted; None = every key
+    url_ttl_seconds: int = 0  # 0 = the gateway's url_ttl_seconds
 
 
 @dataclass

@@ -171,3 +171,11 @@ def check_upload(items: Sequence[UploadItem], max_items: int, field: str = "item
         raise InvalidArgument(f"{field} is empty: send at least one image", field=field)
     if len(items) > max_items:
         raise InvalidArgument(f"{len(items)} items in one call; the limit is {max_items}", field=field)
+
+
+def url_ttl(requested: int, settings, field: str = "url_ttl_seconds") -> int:
+    """The lifetime of presigned URLs for a request: 0 = the gateway's default, at most its maximum."""
+    if requested > settings.max_url_ttl_seconds:
+        raise InvalidArgument(f"{field} {requested} is above this gateway's maximum of "
+                              f"{settings.max_url_ttl_seconds} seconds", field=field)
+    return requested or settings.url_ttl_seconds

@@ -20,6 +20,7 @@ from PIL import Image
 
 from clipsearch import errors
 from clipsearch.client import AsyncClient, Client
+from clipsearch.keys import key_entry, keys_file_text
 
 API_KEY = "cli-test-key"
 
@@ -45,9 +46,11 @@ def sha(path: Path) -> str:
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     env = {**os.environ, "CLIPSEARCH_STATE_DIR": str(root / "state"), "CLIPSEARCH_API_KEY": API_KEY}
+    keys_file = root / "keys.yaml"
+    keys_file.write_text(keys_file_text([key_entry("cli-test", API_KEY, ["admin"])]))
     up = subprocess.Popen(
         [sys.executable, "-m", "clipsearch.cli", "up", "--model", "clipsearch-tiny", "--pretrained", "none",
-         "--shards", "2", "--data-dir", str(root / "data"), "--port", "0", "--api-keys", API_KEY],
+         "--shards", "2", "--data-dir", str(root / "data"), "--port", "0", "--api-keys-file", str(keys_file)],
         stdout=open(root / "up.log", "wb"), stderr=subprocess.STDOUT, env=env,
     )
     stack_file = root / "state" / "stack.json"
@@ -168,3 +171,18 @@ def test_down_stops_every_process_cleanly(stack):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not (stack["root"] / "state" / "stack.json").exists()
+
+
+def test_keys_create_prints_a_secret_and_its_entry(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "clipsearch.cli", "keys", "create", "--id", "team-a-reader",
+                             "--scope", "read:team-a*"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    secret = next(line.strip() for line in result.stdout.splitlines() if line.strip().startswith("csk_"))
+    import yaml
+
+    entry = yaml.safe_load(result.stdout.split("file (it is re-read on change):\n", 1)[1])[0]
+    assert entry == {"id": "team-a-reader", "sha256": hashlib.sha256(secret.encode()).hexdigest(),
+                     "scopes": ["read:team-a*"]}
+    bad = subprocess.run([sys.executable, "-m", "clipsearch.cli", "keys", "create", "--id", "x", "--scope", "all"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "scope" in bad.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import re
 import shlex
 import subprocess
@@ -405,8 +406,11 @@ def test_placeholder_secrets_are_marked_as_placeholders():
         secret_values = [v for k, v in values.items() if k != "AWS_REGION"]
         assert secret_values and all("CHANGE-ME" in v for v in secret_values), f"{name}: {sorted(values)}"
     keys = one(objects, "Secret", "clipsearch-api-keys")["data"]
-    api_keys = base64.b64decode(keys["api-keys"]).decode().split()
-    assert base64.b64decode(keys["client-key"]).decode().strip() in api_keys, "client-key must be a gateway key"
+    entries = yaml.safe_load(base64.b64decode(keys["api-keys"]).decode())["keys"]
+    client_key = base64.b64decode(keys["client-key"]).decode().strip()
+    assert hashlib.sha256(client_key.encode()).hexdigest() in {e["sha256"] for e in entries}, \
+        "client-key must be a gateway key"
+    assert client_key not in base64.b64decode(keys["api-keys"]).decode(), "the keys file holds hashes only"
 
 
 # ------------------------------------------------------------ workload shape
@@ -503,9 +507,13 @@ def test_gateway_reads_api_keys_from_the_secret():
     objects = render("overlays/gpu")
     spec = one(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
     gateway = next(c for c in spec["containers"] if c["name"] == "gateway")
-    path = effective_settings(spec, gateway, objects, "gateway")["api_keys_file"]
+    settings = effective_settings(spec, gateway, objects, "gateway")
+    path = settings["api_keys_file"]
     content = mounted_file(spec, gateway, path, objects)
     assert content is not None and content.strip(), f"{path} is not mounted from a Secret"
+    access = pytest.importorskip("gateway.access")
+    keys = access.parse_keys(content, access.SourceAllowList(settings["import_sources"]))
+    assert keys, "the keys file the gateway reads holds no valid key"
     volume = next(v for v in spec["volumes"] if "secret" in v)
     assert volume["secret"]["secretName"] == "clipsearch-api-keys"
 
@@ -650,7 +658,7 @@ CONTRACT_SETTINGS = {
                 "max_queue_size", "preprocess_workers", "s3_endpoint_url"},
     "index": {"data_dir", "backup_s3_uri", "s3_endpoint_url", "snapshot_interval_seconds"},
     "gateway": {"encoder", "index", "storage", "s3_endpoint_url", "api_keys_file", "url_ttl_seconds", "data_dir",
-                "startup_timeout_seconds", "page_token_secret"},
+                "startup_timeout_seconds", "page_token_secret", "reflection", "import_sources"},
 }
 
 

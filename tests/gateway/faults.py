@@ -3,6 +3,7 @@
 - ``S3Proxy``: a TCP proxy in front of the moto S3 server whose mode can be
   switched at any time between ``pass`` (relay bytes), ``hang`` (accept and hold
   connections, relay nothing) and ``stop`` (refuse connections, drop open ones).
+  It records the request lines it relays.
 - ``Shard``: an index shard process that can be killed, frozen (SIGSTOP) and
   restarted on the same port and data dir.
 - ``check_invariant``: every id in the index has its stored object.
@@ -30,6 +31,7 @@ from tests.conftest import ServiceProcess
 
 PASS, HANG, STOP = "pass", "hang", "stop"
 IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
+REQUEST_LINE = re.compile(rb"^(?:GET|HEAD|PUT|POST|DELETE) \S+ HTTP/1\.[01]", re.M)
 
 
 # ---------------------------------------------------------------- S3 proxy
@@ -52,6 +54,8 @@ class S3Proxy:
         self._threads: list[threading.Thread] = []
         self.port = 0
         self.accepted = 0
+        # Request lines ("GET /bucket/key?... HTTP/1.1") the clients sent, in order.
+        self.requests: list[str] = []
 
     # -- lifecycle
 
@@ -186,6 +190,8 @@ class S3Proxy:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if sock is client:
+                        self.requests += [m.decode("latin-1") for m in REQUEST_LINE.findall(data)]
                     (upstream if sock is client else client).sendall(data)
         except (OSError, ValueError):
             return

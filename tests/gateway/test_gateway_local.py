@@ -1,4 +1,4 @@
-"""The gateway with the local-folder storage backend, API keys, and a local
+"""The gateway with the local-folder storage backend, and a local
 folder import that is interrupted (SIGKILL) and resumed."""
 
 from __future__ import annotations
@@ -8,13 +8,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipsearch.gateway.v1 import gateway_service_pb2 as gpb
 from tests.gateway.conftest import Client, http_get, noise_image, sha, start_gateway
-
-API_KEY = "s3cr3t-key"
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -50,35 +46,6 @@ def test_local_upload_search_url_and_delete(client, workdir):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_auth(workdir, encoder_service, index_shards):
-    key_file = workdir / "keys.txt"
-    key_file.write_text(f"# gateway keys\n{API_KEY}\n")
-    proc = start_gateway(workdir, encoder_service, index_shards, "--storage", str(workdir / "auth-images"),
-                         "--default-collection", "authimgs", "--api-keys-file", str(key_file),
-                         "--api-keys", "second-key", name="gateway-auth")
-    try:
-        request = gpb.SearchImagesRequest(parts=[gpb.QueryPart(text="hello")])
-        for key in (None, "wrong-key"):
-            anonymous = Client(proc.address, api_key=key)
-            with pytest.raises(grpc.RpcError) as err:
-                anonymous.SearchImages(request)
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            with pytest.raises(grpc.RpcError) as err:
-                anonymous.ListImages(gpb.ListImagesRequest())
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            anonymous.close()
-        with pytest.raises(grpc.RpcError) as err:
-            Client(proc.address).SearchImages(request, metadata=[("authorization", f"Basic {API_KEY}")])
-        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        for key in (API_KEY, "second-key"):
-            assert Client(proc.address, api_key=key).SearchImages(request).hits is not None
-        # Probes need no key.
-        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(proc.address))
-        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        proc.terminate()
-
-
 def make_folder(folder: Path, count: int) -> dict[str, str]:
     """``count`` distinct images in nested folders, plus a file that is not an image."""
     ids = {}
@@ -96,7 +63,7 @@ def test_import_interrupted_and_resumed_gives_each_image_once(workdir, encoder_s
     source = workdir / "to-import"
     expected = make_folder(source, 200)
     args = ["--storage", str(workdir / "import-images"), "--default-collection", "importimgs",
-            "--import-roots", str(workdir), "--import-batch-size", "10", "--import-max-images-per-second", "80"]
+            "--import-sources", str(workdir), "--import-batch-size", "10", "--import-max-images-per-second", "80"]
     first = start_gateway(workdir, encoder_service, index_shards, *args, name="gateway-import")
     client = Client(first.address)
     job = client.ImportImages(gpb.ImportImagesRequest(source=str(source))).job
@@ -142,7 +109,7 @@ def test_import_interrupted_and_resumed_gives_each_image_once(workdir, encoder_s
 
 def test_import_outside_the_allowed_roots_is_refused(workdir, encoder_service, index_shards, tmp_path):
     proc = start_gateway(workdir, encoder_service, index_shards, "--storage", str(workdir / "roots-images"),
-                         "--default-collection", "rootsimgs", "--import-roots", str(workdir / "allowed"),
+                         "--default-collection", "rootsimgs", "--import-sources", str(workdir / "allowed"),
                          name="gateway-roots")
     client = Client(proc.address)
     try:

@@ -43,7 +43,8 @@ def gateway(tmp_path_factory, encoder_service, index_shards, s3_endpoint, bucket
     proc = start_gateway(
         tmp_path_factory.mktemp("gw-s3"), encoder_service, index_shards,
         "--storage", f"s3://{name}/{PREFIX}", "--s3-endpoint-url", s3_endpoint, "--url-ttl-seconds", "600",
-        "--default-collection", COLLECTION, "--max-image-bytes", "100000", name="gateway-s3",
+        "--default-collection", COLLECTION, "--max-image-bytes", "100000", "--import-sources", f"s3://{name}/incoming/",
+        name="gateway-s3",
     )
     yield proc
     proc.terminate()
@@ -362,10 +363,11 @@ def test_collections_and_s3_import(client, bucket, gateway):
     assert code_of(err) == grpc.StatusCode.NOT_FOUND
 
 
-def test_local_imports_are_off_unless_allowed(client, tmp_path):
-    with pytest.raises(grpc.RpcError) as err:
-        client.ImportImages(gpb.ImportImagesRequest(source=str(tmp_path)))
-    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+def test_imports_outside_import_sources_are_refused(client, tmp_path):
+    for source in (str(tmp_path), "s3://gateway-images/clip/", "s3://gateway-images/incoming"):
+        with pytest.raises(grpc.RpcError) as err:
+            client.ImportImages(gpb.ImportImagesRequest(source=source))
+        assert code_of(err) == grpc.StatusCode.PERMISSION_DENIED, source
 
 
 def test_metrics_are_exported(client, gateway, corpus):

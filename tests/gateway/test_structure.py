@@ -11,7 +11,8 @@ import pytest
 GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
 # Everything behind the servicer except the clients of the internal services
 # (encoder.py, shards.py, rpc.py) and the server plumbing (auth.py, __main__.py).
-ENGINE_SIDE = ["engine", "collections", "searcher", "search", "ingest", "imports", "repair", "jobs", "validation",
+# access.py holds the scope rules that auth.py applies.
+ENGINE_SIDE = ["access", "engine", "collections", "searcher", "search", "ingest", "imports", "repair", "jobs", "validation",
                "types", "deadline", "storage", "settings", "metrics", "admission"]
 
 

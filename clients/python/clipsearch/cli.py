@@ -200,8 +200,23 @@ def stack_config(args):
     return StackConfig(
         data_dir=Path(args.data_dir), model=model, pretrained=pretrained, shards=args.shards,
         storage=args.storage, gateway_port=args.port, s3_endpoint_url=args.s3_endpoint_url,
-        api_keys=[k for k in args.api_keys.split(",") if k], device=args.device,
+        api_keys_file=args.api_keys_file, device=args.device,
     )
+
+
+def cmd_keys_create(args) -> int:
+    from clipsearch.keys import key_entry, keys_file_text, new_secret
+
+    secret = new_secret()
+    try:
+        entry = key_entry(args.id, secret, args.scope, args.import_source)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"secret (shown once; clients send it as 'authorization: Bearer <secret>'):\n  {secret}\n")
+    print("add this entry under 'keys:' in the gateway's keys file (it is re-read on change):")
+    print("  " + keys_file_text([entry]).split("\n", 1)[1].replace("\n", "\n  ").rstrip())
+    return 0
 
 
 def cmd_up(args) -> int:
@@ -440,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     stack_flags.add_argument("--storage", default="", help="DIR or s3://bucket/prefix (default: DATA_DIR/images)")
     stack_flags.add_argument("--s3-endpoint-url", default="", help="S3 endpoint (MinIO); empty = AWS")
     stack_flags.add_argument("--port", type=int, default=50050, help="gateway port (0 = any free port)")
-    stack_flags.add_argument("--api-keys", default="", help="comma-separated API keys the gateway requires")
+    stack_flags.add_argument("--api-keys-file", default="",
+                             help="the gateway's YAML keys file (see `clipsearch keys create`); empty = no auth")
 
     p = sub.add_parser("up", parents=[stack_flags], help="start a local stack (encoder, index shards, gateway)")
     p.set_defaults(func=cmd_up)
@@ -451,6 +467,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=300, help="sample images to generate")
     p.add_argument("--seed", type=int, default=2024)
     p.set_defaults(func=cmd_demo, data_dir="./data/demo", port=0)
+
+    p = sub.add_parser("keys", help="API keys for the gateway's keys file")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = keys_sub.add_parser("create", help="print a new secret and the keys-file entry (with its sha256) to add",
+                            description="Prints a new API key secret once, and the YAML entry for the gateway's "
+                                        "keys file. The file holds only the sha256 of the secret.")
+    k.add_argument("--id", required=True, help="key id (shown in audit logs and errors)")
+    k.add_argument("--scope", action="append", default=[], required=True,
+                   help="read:PATTERN, write:PATTERN, admin:PATTERN or admin (global); repeat for more")
+    k.add_argument("--import-source", action="append", default=[],
+                   help="s3://bucket/prefix/ or a folder the key may import from (inside the gateway's "
+                        "import_sources); repeat for more")
+    k.set_defaults(func=cmd_keys_create)
 
     p = sub.add_parser("import", parents=[common], help="import a folder or s3://bucket/prefix (resumable)")
     p.add_argument("source", help="a local folder or s3://bucket/prefix")

@@ -62,7 +62,7 @@ class StackConfig:
     encoder_port: int = 0
     index_ports: list[int] = dataclasses.field(default_factory=list)  # default: free ports
     s3_endpoint_url: str = ""
-    api_keys: list[str] = dataclasses.field(default_factory=list)
+    api_keys_file: str = ""  # the gateway's YAML keys file; empty = auth off
     device: str = "auto"
 
 
@@ -190,7 +190,7 @@ class LocalStack:
                 "--index", ",".join(f"{cfg.host}:{s.port}" for s in shards),
                 "--storage", storage, "--data-dir", str(self.data_dir / "gateway"),
                 *(["--s3-endpoint-url", cfg.s3_endpoint_url] if cfg.s3_endpoint_url else []),
-                *(["--api-keys", ",".join(cfg.api_keys)] if cfg.api_keys else []),
+                *(["--api-keys-file", cfg.api_keys_file] if cfg.api_keys_file else []),
             ]
             self._spawn("gateway", "gateway", gateway_args, cfg.gateway_port).wait_ready(timeout)
         except BaseException:

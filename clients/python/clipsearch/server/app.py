@@ -54,8 +54,9 @@ class GrpcService:
     reflection, the metrics interceptor and the message/concurrency limits."""
 
     def __init__(self, settings: ServerSettings, registrations: Sequence[Registration], name: str,
-                 extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
+                 extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (), reflection: bool = True):
         self.settings = settings
+        self.reflection = reflection
         self.extra_interceptors = list(extra_interceptors)
         self.registrations = list(registrations)
         self.name = name
@@ -88,10 +89,11 @@ class GrpcService:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [r.full_name for r in self.registrations]
-        reflection.enable_server_reflection(
-            names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server,
-        )
+        if self.reflection:
+            reflection.enable_server_reflection(
+                names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+                server,
+            )
         return server
 
     @property
