@@ -50,8 +50,8 @@ def check_metadata_limits(record: Mapping[str, Any], limits: MetadataLimits, fie
         key_bytes = len(key.encode()) if isinstance(key, str) else 0
         if not key_bytes or key_bytes > limits.max_key_bytes:
             raise InvalidArgument(
-                f"{field} has a key of {key_bytes} bytes ({str(key)[:32]!r}...); keys are 1 to "
-                f"{limits.max_key_bytes} bytes", field=field, reason="METADATA_KEY_TOO_LONG")
+                f"{field} has a key of {key_bytes} bytes ({str(key)[:32]!r}); keys are 1 to "
+                f"{limits.max_key_bytes} bytes (the limit)", field=field, reason="METADATA_KEY_TOO_LONG")
         size = value_bytes(value)
         if size > limits.max_value_bytes:
             raise InvalidArgument(
