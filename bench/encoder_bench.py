@@ -2,6 +2,8 @@
 
 - P4: one text query's encode latency, trimmed to the prompt vs the full
   77-token path (in-process model, same run).
+- Runtimes: one text query's p50 on ONNX Runtime vs torch (same trimmed input),
+  and images/s at batch 32 (preprocessed tensors) on ONNX Runtime vs torch.
 - Service overhead: p50 of one text query through the gRPC service vs the
   model call alone.
 - P3: throughput with 16 concurrent one-item clients through the service
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import print_table, summarize_ms, time_calls, write_results
+from bench.common import machine, print_table, summarize_ms, time_calls, write_results
 from clipsearch.encoder.v1 import encoder_service_pb2 as pb
 from clipsearch.encoder.v1 import encoder_service_pb2_grpc
 from encoder_service.model import load_model
@@ -74,8 +76,38 @@ async def concurrent_throughput(address: str, make_request, method: str, items: 
         return len(items) / (time.perf_counter() - started)
 
 
+def interleaved(calls: dict, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call for each of ``calls``, taken in turn, so drift hits every one alike."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            samples[name] += time_calls(fn, 1, warmup=0)
+    return samples
+
+
+def run_runtimes(torch_model, onnx_model, repeats: int, image_batch: int = 32) -> dict:
+    """ONNX Runtime vs torch on the same weights and inputs: one trimmed text query, and batches of images."""
+    tokens = torch_model.tokenize([QUERY])
+    one = interleaved({"onnx": lambda: onnx_model.encode_tokens(tokens),
+                       "torch": lambda: torch_model.encode_tokens(tokens)}, repeats)
+    pixels = torch.randn(image_batch, 3, torch_model.image_size, torch_model.image_size)
+    images = interleaved({"onnx": lambda: onnx_model.encode_pixels(pixels),
+                          "torch": lambda: torch_model.encode_pixels(pixels)}, max(3, repeats // 10), warmup=1)
+    text_p50 = {name: summarize_ms(samples)["p50_ms"] for name, samples in one.items()}
+    rate = {name: image_batch / float(np.median(samples)) for name, samples in images.items()}
+    return {"text_query": {"onnx": summarize_ms(one["onnx"]), "torch": summarize_ms(one["torch"]),
+                           "ratio": text_p50["onnx"] / text_p50["torch"], "target": 0.5},
+            "images": {"batch": image_batch, "onnx_per_s": rate["onnx"], "torch_per_s": rate["torch"],
+                       "ratio": rate["onnx"] / rate["torch"], "target": 1.3},
+            "threads": onnx_model.onnx.threads}
+
+
 def run(args) -> dict:
-    model = load_model(args.model, args.pretrained, device="cpu")
+    model = load_model(args.model, args.pretrained, device="cpu", runtime="torch")
+    onnx_model = load_model(args.model, args.pretrained, device="cpu", runtime="onnx")
     repeats = 10 if args.quick else 50
     results: dict = {"model": args.model, "pretrained": args.pretrained}
 
@@ -83,6 +115,8 @@ def run(args) -> dict:
     full = time_calls(lambda: model.encode_texts([QUERY], trim=False), repeats)
     p4 = summarize_ms(trimmed)["p50_ms"] / summarize_ms(full)["p50_ms"]
     results["P4"] = {"trimmed": summarize_ms(trimmed), "full_77": summarize_ms(full), "ratio": p4, "target": 0.35}
+    runtimes = results["runtimes"] = run_runtimes(model, onnx_model, repeats, 8 if args.quick else 32)
+    model = onnx_model  # the service runs onnx on the CPU (runtime auto): the baselines below do too
 
     n_texts = 32 if args.quick else 256
     n_images = 16 if args.quick else 128
@@ -125,8 +159,8 @@ def run(args) -> dict:
             encoder.terminate()
 
     results["service_text_query"] = {
-        "through_service": summarize_ms(served), "model_call": summarize_ms(trimmed),
-        "overhead_ms": summarize_ms(served)["p50_ms"] - summarize_ms(trimmed)["p50_ms"],
+        "through_service": summarize_ms(served), "model_call": runtimes["text_query"]["onnx"],
+        "overhead_ms": summarize_ms(served)["p50_ms"] - runtimes["text_query"]["onnx"]["p50_ms"],
     }
     results["P3"] = {
         "clients": args.clients,
@@ -135,10 +169,16 @@ def run(args) -> dict:
         "images_ratio": image_rate / base_image_rate, "target": 0.85,
     }
 
-    print_table(f"Encoder ({args.model}, pretrained={args.pretrained}, CPU)", ["id", "what", "ours", "baseline", "ratio", "target"], [
-        ["P4", "one text query encode p50 (ms): trimmed vs 77 tokens", results["P4"]["trimmed"]["p50_ms"],
+    print_table(f"Encoder ({args.model}, pretrained={args.pretrained}, CPU: {machine()['cpus']} cores, "
+                f"{machine()['cpu_flags']}; ONNX Runtime {runtimes['threads']} threads)", ["id", "what", "ours", "baseline", "ratio", "target"], [
+        ["P4", "one text query encode p50 (ms): trimmed vs 77 tokens (torch)", results["P4"]["trimmed"]["p50_ms"],
          results["P4"]["full_77"]["p50_ms"], p4, "<= 0.35"],
-        ["-", "one text query p50 (ms): service vs model call", results["service_text_query"]["through_service"]["p50_ms"],
+        ["P4", "one text query encode p50 (ms): onnx vs torch, same trimmed input",
+         runtimes["text_query"]["onnx"]["p50_ms"], runtimes["text_query"]["torch"]["p50_ms"],
+         runtimes["text_query"]["ratio"], "<= 0.5"],
+        ["img", f"images/s at batch {runtimes['images']['batch']}, preprocessed: onnx vs torch",
+         runtimes["images"]["onnx_per_s"], runtimes["images"]["torch_per_s"], runtimes["images"]["ratio"], ">= 1.3"],
+        ["-", "one text query p50 (ms): service vs onnx model call", results["service_text_query"]["through_service"]["p50_ms"],
          results["service_text_query"]["model_call"]["p50_ms"],
          results["service_text_query"]["through_service"]["p50_ms"] / results["service_text_query"]["model_call"]["p50_ms"], "-"],
         ["P3", f"texts/s, {args.clients} concurrent 1-item clients vs one batched call", text_rate, base_text_rate,

@@ -51,7 +51,7 @@ def image_bytes(seed: int, size: int) -> bytes:
 
 def start_stack(workdir: Path, model: str, pretrained: str, shards: int, *, collection: str = COLLECTION,
                 index_data_dirs: list[Path] | None = None, index_args: tuple[str, ...] = (),
-                ready_timeout: float = 300):
+                ready_timeout: float = 300, encoder_args: tuple[str, ...] = ()):
     """Encoder, ``shards`` index shards (on ``index_data_dirs`` when given, else fresh
     folders) and a gateway whose default collection is ``collection``; returns
     (encoder, shards, gateway, every process)."""
@@ -59,8 +59,8 @@ def start_stack(workdir: Path, model: str, pretrained: str, shards: int, *, coll
 
     quiet = ["--log-level", "WARNING", "--drain-delay-seconds", "0"]
     data_dirs = index_data_dirs or [workdir / f"index-{i}" for i in range(shards)]
-    encoder = ServiceProcess("encoder_service", ["--model", model, "--pretrained", pretrained, *quiet], workdir,
-                             name="bench-encoder").spawn()
+    encoder = ServiceProcess("encoder_service", ["--model", model, "--pretrained", pretrained, *quiet,
+                                                 *encoder_args], workdir, name="bench-encoder").spawn()
     index = [ServiceProcess("index_service", ["--data-dir", str(data_dir), *quiet, *index_args], workdir,
                             name=f"bench-index-{i}").spawn() for i, data_dir in enumerate(data_dirs)]
     children = [encoder, *index]

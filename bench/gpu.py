@@ -6,6 +6,10 @@ boto3). It also runs on CPU at tiny sizes (`--tiny`), which the test suite does.
   640x480 and 1600x1200, many concurrent clients; baseline: the raw model on
   already-preprocessed tensors at the same batch size (the ceiling).
 - P6: one text query's p50 through the service; baseline: the raw model call.
+- P6 graphs: the same through a service replaying CUDA graphs for small batches
+  (the default on CUDA) vs one with them off (--cuda-graph-max-batch 0); and one
+  text / one image in-process, graphs vs eager. On the CPU (--tiny) the same
+  bucketed path runs without capture, so the script is exercised end to end.
 - Text throughput batched through the service vs the raw model (77 tokens and
   trimmed).
 
@@ -68,6 +72,22 @@ async def stream_items(address: str, requests: list, method: str, clients: int) 
         return count / (time.perf_counter() - started)
 
 
+def in_process_graphs(model, args) -> dict:
+    """One text and one image, p50 ms: CUDA graphs (captured here per bucket) vs eager."""
+    from encoder_service.cuda_graphs import GraphedTowers
+
+    device = model.device
+    one = model.tokenize(["a dog playing in snow"])
+    image = torch.randn(1, 3, model.image_size, model.image_size)
+    calls = {"text": lambda: (model.encode_tokens(one), synchronize(device)),
+             "image": lambda: (model.encode_pixels(image), synchronize(device))}
+    eager = {k: summarize_ms(time_calls(fn, args.repeats * 5, warmup=5)) for k, fn in calls.items()}
+    model.graphs = GraphedTowers(model, args.graph_max_batch)
+    graphed = {k: summarize_ms(time_calls(fn, args.repeats * 5, warmup=5)) for k, fn in calls.items()}
+    model.graphs = None
+    return {"captured": device.type == "cuda", "eager": eager, "graphs": graphed}
+
+
 def run(args) -> dict:
     from clipsearch.stack import ServiceProcess
 
@@ -93,18 +113,23 @@ def run(args) -> dict:
                                                  args.repeats, warmup=2))
     one = model.tokenize(["a dog playing in snow"])
     raw_one = time_calls(lambda: (model.encode_tokens(one, trim=True), synchronize(device)), args.repeats * 5, warmup=5)
+    graphs = in_process_graphs(model, args)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     rows = []
+    service_args = [
+        "--model", args.model, "--pretrained", args.pretrained, "--device", args.device, "--port", "0",
+        "--runtime", "torch", "--max-batch-size", str(batch),
+        "--max-items-per-request", str(max(256, args.per_request)),
+        "--max-queue-size", str(batch * 64), "--log-level", "WARNING", "--drain-delay-seconds", "0",
+        "--max-message-mb", "256",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        encoder = ServiceProcess("encoder_service", [
-            "--model", args.model, "--pretrained", args.pretrained, "--device", args.device, "--port", "0",
-            "--max-batch-size", str(batch), "--max-items-per-request", str(max(256, args.per_request)),
-            "--max-queue-size", str(batch * 64), "--log-level", "WARNING", "--drain-delay-seconds", "0",
-            "--max-message-mb", "256",
-        ], Path(tmp), name="gpu-encoder").start(timeout=600)
+        encoder = ServiceProcess("encoder_service", [*service_args, "--cuda-graph-max-batch",
+                                                     str(args.graph_max_batch)], Path(tmp), name="gpu-encoder"
+                                 ).start(timeout=600)
         try:
             for label, image_size in args.image_sizes:
                 images = [jpeg(i, image_size) for i in range(args.distinct_images)]
@@ -127,14 +152,35 @@ def run(args) -> dict:
             text_rate = asyncio.run(stream_items(encoder.address, text_requests, "EmbedTexts", args.clients))
         finally:
             encoder.terminate()
+        eager_encoder = ServiceProcess("encoder_service", [*service_args, "--cuda-graph-max-batch", "0"],
+                                       Path(tmp), name="gpu-encoder-eager").start(timeout=600)
+        try:
+            with grpc.insecure_channel(eager_encoder.address) as channel:
+                stub = encoder_service_pb2_grpc.EncoderServiceStub(channel)
+                served_eager = time_calls(lambda: stub.EmbedTexts(pb.EmbedTextsRequest(
+                    texts=["a dog playing in snow"])), args.repeats * 5, warmup=5)
+        finally:
+            eager_encoder.terminate()
 
     p6 = summarize_ms(served_one)
+    eager_p6 = summarize_ms(served_eager)
+    results["P6_graphs"] = {"through_service_graphs": p6, "through_service_eager": eager_p6,
+                            "in_process": graphs, "target_ms": 1.5}
+    captured = "CUDA graphs" if graphs["captured"] else "bucketed, no capture (CPU)"
     results["P6"] = {"through_service": p6, "raw_model": summarize_ms(raw_one), "target_ms": 1.5}
     results["text_throughput"] = {"service_per_s": text_rate, "raw_77_per_s": raw_text_full,
                                   "raw_trimmed_per_s": raw_text_trim}
     rows += [
         ["P6", "one text query p50 through the service (ms)", p6["p50_ms"], summarize_ms(raw_one)["p50_ms"],
          p6["p50_ms"] / summarize_ms(raw_one)["p50_ms"], "<= 1.5 ms"],
+        ["P6 graphs", "one text query p50 through the service (ms): graphs vs eager", p6["p50_ms"],
+         eager_p6["p50_ms"], p6["p50_ms"] / eager_p6["p50_ms"], "<= 1.5 ms"],
+        ["graphs", f"one text p50 in-process (ms): {captured} vs eager", graphs["graphs"]["text"]["p50_ms"],
+         graphs["eager"]["text"]["p50_ms"], graphs["graphs"]["text"]["p50_ms"] / graphs["eager"]["text"]["p50_ms"],
+         "-"],
+        ["graphs", f"one image p50 in-process (ms): {captured} vs eager", graphs["graphs"]["image"]["p50_ms"],
+         graphs["eager"]["image"]["p50_ms"],
+         graphs["graphs"]["image"]["p50_ms"] / graphs["eager"]["image"]["p50_ms"], "-"],
         ["text", "texts/s through the service vs raw 77-token model", text_rate, raw_text_full,
          text_rate / raw_text_full, "-"],
         ["text", "raw model: trimmed vs 77 tokens (texts/s)", raw_text_trim, raw_text_full,
@@ -158,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distinct-images", type=int, default=256)
     parser.add_argument("--texts", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--graph-max-batch", type=int, default=8, help="largest batch replayed from a CUDA graph")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke sizes")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)

@@ -81,6 +81,7 @@ P1_P50_MS, P1_P99_MS = 30.0, 60.0
 P2_OVERHEAD_MS = 0.5
 RECALL_TARGET = 0.95
 P3_RATIO, P4_RATIO, P7_RATIO = 0.85, 0.35, 0.8
+ONNX_P4_RATIO, ONNX_IMAGES_RATIO, ONNX_P1_RATIO, ONNX_P1_RATE_RATIO = 0.5, 1.3, 0.5, 2.0
 P8_FLAT_RATIO, P8_PQ_BYTES = 1.1, 100.0
 
 ADJECTIVES = ["red", "old", "small", "wooden", "shiny", "broken", "giant", "striped", "sleepy", "vintage"]
@@ -308,6 +309,53 @@ def run_p1(mode: Mode, model, p2: dict, workdir: Path) -> tuple[list[dict], dict
     return rows, details, (encoder, gateway, children)
 
 
+def gateway_figures(address: str, nprobe: int, tag: str, queries: int, concurrent: int, clients: int) -> dict:
+    """One client's SearchImages p50 (fresh texts, no metadata) and the ``clients``-client rate."""
+    import grpc
+
+    from clipsearch.gateway.v1 import gateway_service_pb2_grpc
+
+    lean = ("id", "score", "url")
+    with grpc.insecure_channel(address) as channel:
+        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        requests = _p1_requests([query_text(i, tag) for i in range(queries + 5)], nprobe, lean)
+        samples = []
+        for request in requests:
+            started = time.perf_counter()
+            assert len(stub.SearchImages(request, timeout=120).hits) == TOP_K
+            samples.append(time.perf_counter() - started)
+    _, wall = asyncio.run(_gateway_concurrent(
+        address, _p1_requests([query_text(i, tag + "-c") for i in range(concurrent)], nprobe, lean), clients))
+    return {"one_client": summarize_ms(samples[5:]), f"{clients}_clients_qps": concurrent / wall}
+
+
+def run_p1_runtimes(mode: Mode, p2: dict, workdir: Path, onnx_figures: dict) -> tuple[list[dict], dict]:
+    """The same gateway and shard over a torch-runtime encoder (the baseline for the onnx one,
+    whose figures ``onnx_figures`` were taken on the P1 stack just before)."""
+    nprobe = int(p2["ivf"]["nprobe"])
+    _, _, gateway, children = gateway_bench.start_stack(
+        workdir, mode.model, PRETRAINED, 1, collection="ivf", index_data_dirs=[Path(p2["data_dir"])],
+        index_args=("--snapshot-interval-seconds", "0", "--no-snapshot-on-shutdown"), ready_timeout=1800,
+        encoder_args=("--runtime", "torch"))
+    try:
+        torch_figures = gateway_figures(gateway.address, nprobe, "rt-torch", mode.p1_queries // 2,
+                                        mode.p1_concurrent_queries // 2, mode.p1_clients)
+    finally:
+        for child in children:
+            child.terminate(30)
+    clients = mode.p1_clients
+    ours, base = onnx_figures["one_client"]["p50_ms"], torch_figures["one_client"]["p50_ms"]
+    rate, base_rate = onnx_figures[f"{clients}_clients_qps"], torch_figures[f"{clients}_clients_qps"]
+    where = f"{mode.n:,} vectors, read_mask id,score,url"
+    rows = [
+        row("P1", "gateway text search, 1 client: p50 ms, onnx vs torch encoder", ours, base,
+            f"<= {ONNX_P1_RATIO}x", ours / base <= ONNX_P1_RATIO, where),
+        row("P1", f"gateway text search, {clients} clients: q/s, onnx vs torch encoder", rate, base_rate,
+            f">= {ONNX_P1_RATE_RATIO}x", rate / base_rate >= ONNX_P1_RATE_RATIO, where),
+    ]
+    return rows, {"onnx": onnx_figures, "torch": torch_figures}
+
+
 # ---------------------------------------------------------------- P7
 
 def run_p7(mode: Mode, stack) -> tuple[list[dict], dict]:
@@ -351,7 +399,17 @@ def run_encoder(mode: Mode, out: Path) -> tuple[list[dict], dict]:
             p3["images_per_s"], p3["images_baseline_per_s"], f">= {P3_RATIO}x", p3["images_ratio"] >= P3_RATIO,
             "640x480 JPEG"),
         row("P4", "one text query encode p50 ms: trimmed vs 77 tokens", p4["trimmed"]["p50_ms"],
-            p4["full_77"]["p50_ms"], f"<= {P4_RATIO}x", p4["ratio"] <= P4_RATIO, "in-process model"),
+            p4["full_77"]["p50_ms"], f"<= {P4_RATIO}x", p4["ratio"] <= P4_RATIO, "in-process model, torch"),
+    ]
+    runtimes = results["runtimes"]
+    text, images = runtimes["text_query"], runtimes["images"]
+    rows += [
+        row("P4", "one text query encode p50 ms: onnx vs torch runtime", text["onnx"]["p50_ms"],
+            text["torch"]["p50_ms"], f"<= {ONNX_P4_RATIO}x", text["ratio"] <= ONNX_P4_RATIO,
+            f"same trimmed input; ONNX Runtime {runtimes['threads']} threads"),
+        row("P4", f"images/s at batch {images['batch']}: onnx vs torch runtime", images["onnx_per_s"],
+            images["torch_per_s"], f">= {ONNX_IMAGES_RATIO}x", images["ratio"] >= ONNX_IMAGES_RATIO,
+            "preprocessed tensors, in-process"),
     ]
     return rows, results
 
@@ -469,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from encoder_service.model import load_model
 
-    model = load_model(mode.model, PRETRAINED, device="cpu")
+    model = load_model(mode.model, PRETRAINED, device="cpu", runtime="auto")  # as the encoder service runs it
     dim = model.dim
     sections: dict[str, Any] = {}
     rows: dict[str, list[dict]] = {}
@@ -500,12 +558,21 @@ def main(argv: list[str] | None = None) -> dict:
                 print_rows("P1: end-to-end text search vs in-process open_clip + FAISS", rows["P1"])
                 try:
                     p7 = section("P7", lambda: run_p7(mode, stack))
+                    onnx_figures = section("P1 onnx encoder", lambda: gateway_figures(
+                        stack[1].address, int(p2_results["ivf"]["nprobe"]), "rt-onnx", mode.p1_queries // 2,
+                        mode.p1_concurrent_queries // 2, mode.p1_clients))
                 finally:
                     for child in stack[2]:
                         child.terminate(30)
                 if p7:
                     rows["P7"], sections["P7"] = p7
                     print_rows("P7: ingest through the gateway vs the encoder alone", rows["P7"])
+                p1_runtimes = onnx_figures and section("P1 torch encoder", lambda: run_p1_runtimes(
+                    mode, p2_results, workdir / "p1-torch", onnx_figures))
+                if p1_runtimes:
+                    rows["P1"] += p1_runtimes[0]
+                    sections["P1"]["runtimes"] = p1_runtimes[1]
+                    print_rows("P1: gateway over the onnx encoder vs over the torch encoder", p1_runtimes[0])
             p8 = section("P8", lambda: run_p8(mode, dim, p2_results, workdir))
             if p8:
                 rows["P8"], sections["P8"] = p8

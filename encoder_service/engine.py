@@ -40,6 +40,8 @@ class EncoderConfig:
     onnx_quantize: str = _setting("none", "none or int8: int8 weights for the onnx runtime (see README, Encoder)")
     onnx_cache_dir: str = _setting("", "where ONNX exports are cached by model fingerprint "
                                        "(default: ~/.cache/clipsearch/onnx)")
+    cuda_graph_max_batch: int = _setting(
+        8, "torch on CUDA: batches up to this size replay CUDA graphs captured at startup (0 = off)")
     model_cache_dir: str = _setting("", "where downloaded weights are cached (default: open_clip's cache)")
     max_batch_size: int = _setting(64, "most items in one model call")
     max_queue_delay_ms: float = _setting(
@@ -106,7 +108,7 @@ class EncoderEngine:
             self._model_thread,
             lambda: load_model(cfg.model, cfg.pretrained, device=cfg.device, cache_dir=cfg.model_cache_dir,
                                precision=cfg.precision, runtime=cfg.runtime, onnx_quantize=cfg.onnx_quantize,
-                               onnx_cache_dir=cfg.onnx_cache_dir),
+                               onnx_cache_dir=cfg.onnx_cache_dir, cuda_graph_max_batch=cfg.cuda_graph_max_batch),
         )
         common = dict(
             max_batch_size=cfg.max_batch_size,

@@ -184,6 +184,7 @@ class ClipModel:
         self._text = self.text_encoder()
         self.runtime = "torch"
         self.onnx = None  # OnnxTowers when the runtime is onnx
+        self.graphs = None  # GraphedTowers: CUDA graphs for small batches (torch on CUDA)
         self.context_length = int(getattr(tokenizer, "context_length", 77))
         size = preprocess_config.get("size", 224)
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
@@ -222,7 +223,9 @@ class ClipModel:
         tokens = tokens.to(self.device)
         if not trimmed:
             return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu().numpy()
-        return self._text(self.trim(tokens)).cpu().numpy()
+        tokens = self.trim(tokens)
+        graphed = self.graphs.encode_tokens(tokens) if self.graphs is not None else None
+        return graphed if graphed is not None else self._text(tokens).cpu().numpy()
 
     def encode_texts(self, texts: Sequence[str], trim: bool = True) -> np.ndarray:
         return self.encode_tokens(self.tokenize(texts), trim=trim)
@@ -233,6 +236,9 @@ class ClipModel:
         if self.onnx is not None:
             return self.onnx.encode_pixels(pixels.float().cpu().numpy())
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+        graphed = self.graphs.encode_pixels(pixels) if self.graphs is not None else None
+        if graphed is not None:
+            return graphed
         features = self.model.encode_image(pixels)
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
@@ -251,6 +257,7 @@ def load_model(
     runtime: str = "auto",
     onnx_quantize: str = "none",
     onnx_cache_dir: str = "",
+    cuda_graph_max_batch: int = 0,
 ) -> ClipModel:
     """Loads any open_clip model.
 
@@ -262,7 +269,8 @@ def load_model(
     ``runtime``: ``torch``, ``onnx`` (ONNX Runtime on the CPU: the towers are exported
     once into ``onnx_cache_dir``, keyed by the fingerprint; ``onnx_quantize=int8`` for
     int8 weights) or ``auto`` (onnx on the CPU, torch on CUDA). The fingerprint is the
-    weights' whatever the runtime.
+    weights' whatever the runtime. ``cuda_graph_max_batch`` > 0 (torch on CUDA): batches
+    up to that size replay CUDA graphs captured here, per batch and length bucket.
     """
     import open_clip
 
@@ -341,6 +349,10 @@ def load_model(
         except OnnxExportError as exc:
             raise ModelLoadError(f"{exc}; --runtime torch avoids ONNX Runtime") from exc
         clip.runtime = "onnx"
+    elif cuda_graph_max_batch > 0 and torch_device.type == "cuda":
+        from encoder_service.cuda_graphs import GraphedTowers
+
+        clip.graphs = GraphedTowers(clip, cuda_graph_max_batch)
     return clip
 
 

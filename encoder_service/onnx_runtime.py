@@ -29,7 +29,7 @@ import torch
 log = logging.getLogger(__name__)
 
 OPSET = 17
-FORMAT_VERSION = 1  # bump when what is exported changes
+FORMAT_VERSION = 2  # bump when what is exported changes
 QUANTIZE_CHOICES = ("none", "int8")
 
 

@@ -31,7 +31,9 @@ def test_run_all_tiny_reports_every_row_with_baseline_and_ratio(tmp_path):
         assert finite(r["ratio"]) and r["ratio"] == pytest.approx(r["ours"] / r["baseline"]), r
         assert r["target"] and isinstance(r["met"], bool), r
     p1 = [r for r in rows if r["id"] == "P1"]
-    assert len(p1) == 6  # p50 and p99: 1 client, 1 client without metadata, 8 clients
+    assert len(p1) == 8  # p50 and p99: 1 client, 1 client without metadata, 8 clients; onnx vs torch encoder
+    assert sum(r["id"] == "P4" for r in rows) == 3  # trimmed vs 77 tokens; onnx vs torch: one text, images/s
+    assert set(summary["details"]["P1"]["runtimes"]) == {"onnx", "torch"}
     assert sum(r["id"] == "P2" for r in rows) == 3  # Flat, IVF, IVF recall
     assert sum(r["id"] == "P8" for r in rows) == 2  # Flat, IVF-PQ
 

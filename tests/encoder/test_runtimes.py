@@ -171,3 +171,25 @@ def test_the_service_serves_through_each_runtime_with_the_same_per_item_errors(s
     assert_equivalent(unpack_matrix(onnx_images.embeddings)[good], unpack_matrix(torch_images.embeddings)[good])
     assert not unpack_matrix(onnx_images.embeddings)[1:-1].any()
     assert_equivalent(unpack_matrix(onnx_texts.embeddings), unpack_matrix(torch_texts.embeddings))
+
+
+# ---------------------------------------------------------------- CUDA graphs (their bucketing, on the CPU)
+
+def test_small_batches_padded_to_graph_buckets_equal_the_unpadded_model():
+    """The CUDA-graph path without capture: same buckets, same padding, on the CPU."""
+    from encoder_service.cuda_graphs import GraphedTowers, batch_buckets
+
+    assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(6) == (1, 2, 4, 6) and batch_buckets(0) == ()
+    model = load_model(DEMO, "none", runtime="torch")
+    texts = mixed_texts()
+    expected = model.encode_texts(texts)
+    pixels = torch.randn(5, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(1))
+    expected_images = model.encode_pixels(pixels)
+    graphs = GraphedTowers(model, max_batch=4, capture=False)
+    assert graphs.lengths == (16, 32, 77) and sorted(graphs.image) == [1, 2, 4]
+    assert graphs.encode_tokens(model.trim(model.tokenize(texts[:5]))) is None, "batch 5 runs eagerly"
+    model.graphs = graphs
+    for rows in ([0], [1, 2], [0, 3, 5], [2, 4, 6, 7], [1, 8], list(range(len(texts)))):
+        assert_equivalent(model.encode_texts([texts[i] for i in rows]), expected[rows])
+    for rows in ([0], [1, 2, 3], list(range(5))):
+        assert_equivalent(model.encode_pixels(pixels[rows]), expected_images[rows])
