@@ -43,6 +43,7 @@ from clipsearch.gateway.v1 import gateway_service_pb2_grpc
 LOADS = (1, 2, 4)
 DEADLINE_FACTOR = 3.0  # client deadline, x the unloaded p99
 CAPACITY_CLIENTS = 8
+LAST_ERROR: dict[str, str] = {}  # the latest message of each failing code, for the results
 GOODPUT_TARGET, P99_TARGET, RSS_TARGET_BYTES = 0.9, 3.0, 2**30
 
 
@@ -79,6 +80,7 @@ async def _call(stub_method, request, timeout: float) -> tuple[str, float]:
         code = "OK"
     except grpc.aio.AioRpcError as error:
         code = error.code().name
+        LAST_ERROR[code] = error.details() or ""
     return code, time.perf_counter() - started
 
 
@@ -94,7 +96,8 @@ def unloaded(target: Target, calls: int, counter: list[int]) -> list[float]:
         samples = []
         for _ in range(calls):
             code, seconds = await _call(method, target.make_request(counter), 60)
-            assert code == "OK", code
+            if code != "OK":
+                raise RuntimeError(f"unloaded {target.name} call failed: {code}: {LAST_ERROR[code]}")
             samples.append(seconds)
         return samples
 

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench import encoder_bench, gateway_bench, index_bench
+from bench import encoder_bench, gateway_bench, index_bench, overload
 from bench.common import RESULTS_DIR, machine, print_table, summarize_ms, write_results
 
 
@@ -591,11 +591,18 @@ def main(argv: list[str] | None = None) -> dict:
         if enc:
             rows["P3/P4"], sections["P3/P4"] = enc
             print_rows("P3/P4: encoder service vs in-process model", rows["P3/P4"])
+        if mode.name != "tiny":  # its own stacks and 2 x 3 loads; the tiny smoke run stays short
+            seconds = 60.0 if mode.name == "full" else 5.0
+            p9 = section("P9", lambda: overload.main(["--model", mode.model, "--seconds", str(seconds),
+                                                       "--out", str(out)]))
+            if p9:
+                rows["P9"], sections["P9"] = p9["rows"], p9
+                print_rows("P9: overload at 4x capacity (bench.overload)", rows["P9"])
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    ordered = [r for key in ("P1", "P2", "P3/P4", "P7", "P8") for r in rows.get(key, [])]
+    ordered = [r for key in ("P1", "P2", "P3/P4", "P7", "P8", "P9") for r in rows.get(key, [])]
     if "scaling" in sections:
         print_table(f"Scaling: synthetic {dim}-d vectors, one query per search on 1 FAISS thread "
                     "(IVF at the nprobe reaching recall@10 >= 0.95)",
