@@ -387,6 +387,9 @@ def run_p7(mode: Mode, stack) -> tuple[list[dict], dict]:
 # ---------------------------------------------------------------- P3, P4
 
 def run_encoder(mode: Mode, out: Path) -> tuple[list[dict], dict]:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)  # P1 left faiss at 1 OpenMP thread; the service uses every core
     results = encoder_bench.main(["--model", mode.model, "--pretrained", PRETRAINED, "--out", str(out),
                                   *(["--quick"] if mode.encoder_quick else [])])
     p3, p4 = results["P3"], results["P4"]
