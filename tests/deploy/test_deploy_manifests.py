@@ -655,7 +655,7 @@ def test_service_monitor_scrapes_every_service(target):
 # server settings every service has.
 CONTRACT_SETTINGS = {
     "encoder": {"model", "pretrained", "device", "model_cache_dir", "max_batch_size", "max_queue_delay_ms",
-                "max_queue_size", "preprocess_workers", "s3_endpoint_url"},
+                "max_queue_size", "preprocess_workers", "s3_endpoint_url", "runtime", "onnx_cache_dir"},
     "index": {"data_dir", "backup_s3_uri", "s3_endpoint_url", "snapshot_interval_seconds"},
     "gateway": {"encoder", "index", "storage", "s3_endpoint_url", "api_keys_file", "url_ttl_seconds", "data_dir",
                 "startup_timeout_seconds", "page_token_secret", "reflection", "import_sources"},
