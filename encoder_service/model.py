@@ -254,7 +254,7 @@ def load_model(
     device: str = "auto",
     cache_dir: str = "",
     precision: str = "auto",
-    runtime: str = "auto",
+    runtime: str = "torch",
     onnx_quantize: str = "none",
     onnx_cache_dir: str = "",
     cuda_graph_max_batch: int = 0,
@@ -266,7 +266,8 @@ def load_model(
     - ``model_name`` = a folder with ``open_clip_config.json`` and weights (``pretrained`` ignored).
     - ``pretrained`` = ``none``: random weights, with a loud warning (tests only).
 
-    ``runtime``: ``torch``, ``onnx`` (ONNX Runtime on the CPU: the towers are exported
+    ``runtime``: ``torch`` (the default of this function; the service's setting is ``auto``),
+    ``onnx`` (ONNX Runtime on the CPU: the towers are exported
     once into ``onnx_cache_dir``, keyed by the fingerprint; ``onnx_quantize=int8`` for
     int8 weights) or ``auto`` (onnx on the CPU, torch on CUDA). The fingerprint is the
     weights' whatever the runtime. ``cuda_graph_max_batch`` > 0 (torch on CUDA): batches
