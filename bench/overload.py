@@ -250,7 +250,8 @@ def rows_at_4x(results: dict) -> list[dict]:
             ("P9", f"{name} overload 4x: peak RSS MiB vs idle", top["peak_rss_mib"], top["idle_rss_mib"],
              "<= idle + 1 GiB", top["rss_growth_mib"] * 2**20 <= RSS_TARGET_BYTES, "processes under load"),
         ]
-    return [dict(zip(("id", "what", "ours", "baseline", "target", "met", "note"), row)) for row in out]
+    return [{**dict(zip(("id", "what", "ours", "baseline", "target", "met", "note"), row)),
+             "ratio": row[2] / row[3] if row[3] else float("nan")} for row in out]
 
 
 def main(argv: list[str] | None = None) -> dict:
