@@ -186,3 +186,31 @@ def test_keys_create_prints_a_secret_and_its_entry(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "clipsearch.cli", "keys", "create", "--id", "x", "--scope", "all"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "scope" in bad.stderr
+
+
+def test_up_and_demo_keep_their_own_defaults():
+    from clipsearch.cli import build_parser
+
+    parser = build_parser()
+    up = parser.parse_args(["up"])
+    demo = parser.parse_args(["demo"])
+    assert (up.port, up.data_dir) == (50050, "")  # "" = the documented <state dir>/data
+    assert (demo.port, demo.data_dir) == (0, "./data/demo")
+    assert parser.parse_args(["up", "--port", "0"]).port == 0
+
+
+def test_up_passes_clipsearch_settings_through_and_shows_metrics(stack, monkeypatch, tmp_path):
+    from clipsearch.stack import LocalStack, StackConfig, default_data_dir
+
+    monkeypatch.setenv("CLIPSEARCH_STATE_DIR", str(tmp_path))
+    assert default_data_dir() == tmp_path / "data"
+    monkeypatch.setenv("CLIPSEARCH_URL_TTL_SECONDS", "123")
+    local = LocalStack(StackConfig(data_dir=tmp_path))
+    monkeypatch.setattr("clipsearch.stack.ServiceProcess.spawn", lambda self: self)
+    child = local._spawn("gateway", "gateway", [], 0)
+    assert child.env["CLIPSEARCH_URL_TTL_SECONDS"] == "123"
+    assert "--metrics-port" in child.args
+    for service in stack["info"]["services"].values():
+        assert service["metrics"].startswith("http://127.0.0.1:") and service["metrics"].endswith("/metrics")
+    printed = (stack["root"] / "up.log").read_text()
+    assert printed.count("metrics http://") == len(stack["info"]["services"])

@@ -192,13 +192,13 @@ def import_s3(client: Client, source: str, *, progress: bool = True) -> dict[str
 # -- commands --------------------------------------------------------------------
 
 def stack_config(args):
-    from clipsearch.stack import StackConfig, demo_model_dir
+    from clipsearch.stack import StackConfig, default_data_dir, demo_model_dir
 
     model, pretrained = args.model, args.pretrained
     if args.demo:
         model, pretrained = str(demo_model_dir()), "none"
     return StackConfig(
-        data_dir=Path(args.data_dir), model=model, pretrained=pretrained, shards=args.shards,
+        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(), model=model, pretrained=pretrained, shards=args.shards,
         storage=args.storage, gateway_port=args.port, s3_endpoint_url=args.s3_endpoint_url,
         api_keys_file=args.api_keys_file, device=args.device,
     )
@@ -230,8 +230,10 @@ def cmd_up(args) -> int:
     stack.start()
     stack.record()
     info = stack.describe()
+    print(f"data dir {info['data_dir']}")
     for name, service in info["services"].items():
-        print(f"  {name:<10} {service['address']:<22} log {service['log']}")
+        print(f"  {name:<10} grpc {service['address']:<22} metrics {service['metrics'] or '-':<36} "
+              f"log {service['log']}")
     print(f"gateway ready at {info['target']}  (Ctrl-C to stop)", flush=True)
     try:
         while not stop.wait(0.5):
@@ -445,28 +447,35 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    stack_flags = argparse.ArgumentParser(add_help=False)
-    stack_flags.add_argument("--data-dir", default="./data/local", help="where shards, images and logs live")
-    stack_flags.add_argument("--model", default="ViT-B-32", help="open_clip model name or model folder")
-    stack_flags.add_argument("--pretrained", default="openai", help="pretrained tag, checkpoint file, or none")
-    stack_flags.add_argument("--demo", action="store_true", help="use the bundled demo model (offline)")
-    stack_flags.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    stack_flags.add_argument("--shards", type=int, default=2, help="index shard processes")
-    stack_flags.add_argument("--storage", default="", help="DIR or s3://bucket/prefix (default: DATA_DIR/images)")
-    stack_flags.add_argument("--s3-endpoint-url", default="", help="S3 endpoint (MinIO); empty = AWS")
-    stack_flags.add_argument("--port", type=int, default=50050, help="gateway port (0 = any free port)")
-    stack_flags.add_argument("--api-keys-file", default="",
-                             help="the gateway's YAML keys file (see `clipsearch keys create`); empty = no auth")
+    def stack_flags(data_dir: str, port: int) -> argparse.ArgumentParser:
+        """The flags `up` and `demo` share, each with its own defaults (a parser per command, so
+        one command's defaults never leak into the other's)."""
+        flags = argparse.ArgumentParser(add_help=False)
+        flags.add_argument("--data-dir", default=data_dir, help=f"where shards, images and logs live (default: "
+                                                                f"{data_dir or '$CLIPSEARCH_STATE_DIR/data, else ~/.clipsearch/data'})")
+        flags.add_argument("--model", default="ViT-B-32", help="open_clip model name or model folder")
+        flags.add_argument("--pretrained", default="openai", help="pretrained tag, checkpoint file, or none")
+        flags.add_argument("--demo", action="store_true", help="use the bundled demo model (offline)")
+        flags.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        flags.add_argument("--shards", type=int, default=2, help="index shard processes")
+        flags.add_argument("--storage", default="", help="DIR or s3://bucket/prefix (default: DATA_DIR/images)")
+        flags.add_argument("--s3-endpoint-url", default="", help="S3 endpoint (MinIO); empty = AWS")
+        flags.add_argument("--port", type=int, default=port, help=f"gateway port (default {port}; 0 = any free port)")
+        flags.add_argument("--api-keys-file", default="",
+                           help="the gateway's YAML keys file (see `clipsearch keys create`); empty = no auth")
+        return flags
 
-    p = sub.add_parser("up", parents=[stack_flags], help="start a local stack (encoder, index shards, gateway)")
+    p = sub.add_parser("up", parents=[stack_flags("", 50050)], help="start a local stack (encoder, index shards, "
+                       "gateway)", description="Starts a local stack. Every service also reads the CLIPSEARCH_* "
+                       "environment settings (and the YAML file CLIPSEARCH_CONFIG names); the flags here win.")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("down", help="stop the local stack started by `up`")
     p.add_argument("--wait", type=float, default=60.0)
     p.set_defaults(func=cmd_down)
-    p = sub.add_parser("demo", parents=[stack_flags], help="run the offline demo end to end")
+    p = sub.add_parser("demo", parents=[stack_flags("./data/demo", 0)], help="run the offline demo end to end")
     p.add_argument("--images", type=int, default=300, help="sample images to generate")
     p.add_argument("--seed", type=int, default=2024)
-    p.set_defaults(func=cmd_demo, data_dir="./data/demo", port=0)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("keys", help="API keys for the gateway's keys file")
     keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")

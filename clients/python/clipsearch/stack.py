@@ -28,6 +28,11 @@ def state_dir() -> Path:
     return Path(os.environ.get("CLIPSEARCH_STATE_DIR") or Path.home() / ".clipsearch")
 
 
+def default_data_dir() -> Path:
+    """Where `clipsearch up` keeps shards, images and logs unless --data-dir says otherwise: <state dir>/data."""
+    return state_dir() / "data"
+
+
 def demo_model_dir() -> Path:
     """The bundled demo model: $CLIPSEARCH_DEMO_MODEL, the source checkout's models/demo, or ./models/demo."""
     candidates = [os.environ.get("CLIPSEARCH_DEMO_MODEL", ""),
@@ -163,9 +168,10 @@ class LocalStack:
         return next(c for c in self.children if c.name == name)
 
     def _spawn(self, name: str, module: str, args: list[str], port: int) -> ServiceProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSEARCH_") or k == "CLIPSEARCH_CONFIG"}
-        child = ServiceProcess(module, ["--drain-delay-seconds", "0", *args], self.data_dir / "logs", name=name,
-                               host=self.config.host, port=port, env=env)
+        # CLIPSEARCH_* settings reach every service; the flags below (host, ports, data dirs) win over them.
+        child = ServiceProcess(module, ["--drain-delay-seconds", "0", "--metrics-port", "0", *args],
+                               self.data_dir / "logs", name=name, host=self.config.host, port=port,
+                               env=dict(os.environ))
         self.children.append(child)
         return child.spawn()
 
@@ -203,8 +209,9 @@ class LocalStack:
             "pid": os.getpid(),
             "target": self.gateway_address,
             "data_dir": str(self.data_dir),
-            "services": {c.name: {"address": c.address, "pid": c.proc.pid,
-                                  "log": str(c.log_path)} for c in self.children},
+            "services": {c.name: {"address": c.address, "pid": c.proc.pid, "log": str(c.log_path),
+                                  "metrics": f"http://{c.host}:{c.metrics_port}/metrics" if c.metrics_port else ""}
+                         for c in self.children},
         }
 
     def record(self) -> Path:
