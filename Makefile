@@ -33,8 +33,11 @@ bench-full: $(STAMP)
 	$(PY) -m bench.run_all --full
 
 # The one command that generates the Python stubs; tests/test_protos.py runs it too.
+# google/api/*.proto (the google.api.http annotations) come from googleapis-common-protos,
+# whose wheel ships them next to its generated modules (imported, not regenerated).
+GOOGLEAPIS = $$($(PY) -c 'import pathlib, google.api.annotations_pb2 as m; print(pathlib.Path(m.__file__).parents[2])')
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=clients/python --pyi_out=clients/python \
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS) --python_out=clients/python --pyi_out=clients/python \
 		--grpc_python_out=clients/python $$(find protos -name '*.proto' | sort)
 
 clean:

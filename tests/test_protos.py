@@ -20,8 +20,11 @@ def generated_files(root: Path) -> dict[str, bytes]:
 
 def test_checked_in_stubs_match_a_fresh_generation(tmp_path):
     protos = sorted(str(p.relative_to(REPO / "protos")) for p in (REPO / "protos").rglob("*.proto"))
+    from google.api import annotations_pb2  # googleapis-common-protos ships google/api/*.proto beside it
+
+    googleapis = Path(annotations_pb2.__file__).parents[2]
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-Iprotos", f"--python_out={tmp_path}",
+        [sys.executable, "-m", "grpc_tools.protoc", "-Iprotos", f"-I{googleapis}", f"--python_out={tmp_path}",
          f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", *protos],
         cwd=REPO, check=True,
     )

@@ -2,6 +2,7 @@ import datetime
 
 from clipsearch.common.v1 import common_pb2 as _common_pb2
 from clipsearch.index.v1 import index_service_pb2 as _index_service_pb2
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers

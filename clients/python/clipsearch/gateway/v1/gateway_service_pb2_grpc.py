@@ -35,6 +35,10 @@ class GatewayServiceStub:
     collection) is PERMISSION_DENIED naming the scope and the collection.
     ListCollections lists only the collections the key may read.
     An empty `collection` field means the gateway's default collection.
+
+    Each RPC is also served as HTTP/JSON on the gateway's --http-port, at the
+    route of its google.api.http option (the proto3 JSON mapping; the same
+    mapping as Envoy's gRPC-JSON transcoder), with `Authorization: Bearer <key>`.
     """
 
     def __init__(self, channel):
@@ -120,6 +124,10 @@ class GatewayServiceServicer:
     collection) is PERMISSION_DENIED naming the scope and the collection.
     ListCollections lists only the collections the key may read.
     An empty `collection` field means the gateway's default collection.
+
+    Each RPC is also served as HTTP/JSON on the gateway's --http-port, at the
+    route of its google.api.http option (the proto3 JSON mapping; the same
+    mapping as Envoy's gRPC-JSON transcoder), with `Authorization: Bearer <key>`.
     """
 
     def SearchImages(self, request, context):
@@ -305,6 +313,10 @@ class GatewayService:
     collection) is PERMISSION_DENIED naming the scope and the collection.
     ListCollections lists only the collections the key may read.
     An empty `collection` field means the gateway's default collection.
+
+    Each RPC is also served as HTTP/JSON on the gateway's --http-port, at the
+    route of its google.api.http option (the proto3 JSON mapping; the same
+    mapping as Envoy's gRPC-JSON transcoder), with `Authorization: Bearer <key>`.
     """
 
     @staticmethod
