@@ -1,7 +1,7 @@
 """``python -m gateway``: the public clipsearch API.
 
     python -m gateway --encoder HOST:PORT --index HOST:PORT[,HOST:PORT...] \\
-        --storage s3://bucket/prefix|DIR --port P --metrics-port M
+        --storage s3://bucket/prefix|DIR --port P --metrics-port M [--http-port H]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from clipsearch.server.settings import SettingsError
 from gateway.access import KeyRing, SourceAllowList
 from gateway.auth import AuthInterceptor
 from gateway.engine import Gateway
+from gateway.http_api import HttpApi, HttpServer
 from gateway.imports import ImportJobs
 from gateway.repair import RepairJobs
 from gateway.servicer import GatewayServicer
@@ -88,7 +89,22 @@ async def serve(settings: GatewaySettings) -> None:
     if keys.enabled:
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keys.reload)
-    await run_until_signalled(service, load=parts.start, shutdown=parts.close, port_file=settings.port_file)
+    http = None
+
+    async def load() -> None:
+        nonlocal http
+        await parts.start()
+        if settings.http_port >= 0:
+            http = HttpServer(HttpApi(settings, service.registrations[0].servicer, parts.engine, keys).app(), settings)
+            await http.start()
+            service.extra_ports["http_port"] = http.port
+
+    async def shutdown() -> None:
+        if http is not None:
+            await http.stop()
+        await parts.close()
+
+    await run_until_signalled(service, load=load, shutdown=shutdown, port_file=settings.port_file)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import yaml
 
-from clipsearch.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from clipsearch.errors import ClipsearchError, InvalidArgument, PermissionDenied, Unauthenticated
 from clipsearch.keys import (
     ADMIN, LEVELS, READ, SHA256_RE, WRITE, Scope, check_key_id, hash_secret, parse_scope,
 )
@@ -35,6 +35,7 @@ from clipsearch.server.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("clipsearch.audit")
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------- import sources
 
@@ -299,6 +300,42 @@ def audit_fields(method: str, request: Any) -> dict[str, Any]:
     if method == "RepairCollection":
         return {"dry_run": request.dry_run}
     return {}
+
+
+def bearer_secret(authorization: str | bytes | None) -> str | None:
+    """The key of an ``authorization: Bearer <key>`` value (gRPC metadata or HTTP header):
+    None when there is no such value, "" when it is not ``Bearer <key>``."""
+    if authorization is None:
+        return None
+    if isinstance(authorization, bytes):
+        authorization = authorization.decode("utf-8", "replace")
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return ""
+    return token.strip()
+
+
+async def authorized(keys: KeyRing, default_collection: str, method: str, request: Any, secret: str | None,
+                     call: Callable[[], Awaitable[T]]) -> T:
+    """``call()`` on behalf of the caller holding ``secret``: authenticated, made the call's
+    caller, checked against the method's rule, and audited when the method writes. One rule
+    for every front (the gRPC interceptor, the HTTP API)."""
+    principal = keys.authenticate(secret)
+    audited = RULES[method].audit if method in RULES else False
+    token = set_caller(principal)
+    collection = call_collection(method, request, default_collection)
+    try:
+        check_call(principal, method, request, collection)
+        response = await call()
+    except ClipsearchError as error:
+        if audited:
+            audit(principal, method, collection, error.code, **audit_fields(method, request))
+        raise
+    finally:
+        reset_caller(token)
+    if audited:
+        audit(principal, method, collection, "OK", **audit_fields(method, request))
+    return response
 
 
 def audit(principal: Principal, method: str, collection: str, outcome: str, **fields: Any) -> None:

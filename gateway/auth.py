@@ -16,9 +16,7 @@ import grpc
 
 from clipsearch.errors import ClipsearchError
 
-from gateway.access import (
-    RULES, KeyRing, audit, audit_fields, call_collection, check_call, reset_caller, set_caller,
-)
+from gateway.access import KeyRing, authorized, bearer_secret
 
 PROTECTED_PREFIX = "/clipsearch.gateway.v1.GatewayService/"
 REFLECTION_PREFIX = "/grpc.reflection."
@@ -28,12 +26,7 @@ def bearer_key(metadata) -> str | None:
     """The key from ``authorization: Bearer <key>``; None when the header is absent."""
     for key, value in metadata or ():
         if key.lower() == "authorization":
-            if isinstance(value, bytes):
-                value = value.decode("utf-8", "replace")
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                return ""
-            return token.strip()
+            return bearer_secret(value)
     return None
 
 
@@ -61,24 +54,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _guard(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
-        audited = RULES[method].audit if method in RULES else False
 
         async def guarded(request, context):
-            principal = self.keys.authenticate(bearer_key(context.invocation_metadata()))
-            token = set_caller(principal)
-            collection = call_collection(method, request, self.default_collection)
-            try:
-                check_call(principal, method, request, collection)
-                response = await behavior(request, context)
-            except ClipsearchError as error:
-                if audited:
-                    audit(principal, method, collection, error.code, **audit_fields(method, request))
-                raise
-            finally:
-                reset_caller(token)
-            if audited:
-                audit(principal, method, collection, "OK", **audit_fields(method, request))
-            return response
+            return await authorized(self.keys, self.default_collection, method, request,
+                                    bearer_key(context.invocation_metadata()), lambda: behavior(request, context))
 
         return grpc.unary_unary_rpc_method_handler(
             guarded, request_deserializer=handler.request_deserializer,

@@ -123,6 +123,16 @@ class Gateway:
         token = self.tokens.issue("images", name, a=records[-1].id) if more and records else ""
         return [self._image(name, record, ttl) for record in records], token
 
+    async def read_image(self, collection: str, image_id: str, deadline: Deadline) -> tuple[bytes, str]:
+        """An image's stored bytes and content type (the HTTP front's content route)."""
+        name = self.collections.resolve(collection)
+        check_image_id(image_id)
+        timeout = self.settings.storage_timeout_seconds
+        info = await deadline.run(self.storage.head(name, image_id), timeout, "checking the image")
+        if info is None:
+            raise NotFound(f"image {image_id} is not in collection {name!r}", field="id")
+        return await deadline.run(self.storage.get(name, image_id), timeout, "reading the image"), info.content_type
+
     async def delete_image(self, collection: str, image_id: str, deadline: Deadline) -> None:
         """Records the deletion, drops the vector (it leaves search at once), then the
         object, then the record. Every step is idempotent, so a retry after any

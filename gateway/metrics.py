@@ -44,3 +44,12 @@ REPAIRED_IDS = Counter(
 PENDING_COLLECTION_DELETIONS = Gauge(
     "clipsearch_gateway_pending_collection_deletions", "Collection deletions waiting for a shard to return."
 )
+HTTP_REQUESTS = Counter(
+    "clipsearch_gateway_http_requests_total", "HTTP/JSON API calls, by RPC and gRPC status code.", ["method", "code"]
+)
+HTTP_SECONDS = Histogram(
+    "clipsearch_gateway_http_handling_seconds",
+    "Time to handle an HTTP/JSON API call, by RPC.",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)

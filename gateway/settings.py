@@ -43,6 +43,11 @@ class GatewaySettings(ServerSettings):
         default="open",
         metadata={"help": "gRPC server reflection: 'open', 'auth' (any valid API key) or 'off'"},
     )
+    http_port: int = field(
+        default=-1,
+        metadata={"help": "HTTP/JSON API (routes from the proto's google.api.http options), OpenAPI document and "
+                          "web page at /; 0 picks a free port, -1 disables. Same keys, TLS and host as gRPC"},
+    )
     default_collection: str = field(default="images", metadata={"help": "collection used when a request names none"})
     default_index_spec: str = field(default="Flat", metadata={"help": "FAISS spec of the auto-created collection"})
     create_default_collection: bool = field(

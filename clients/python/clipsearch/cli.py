@@ -200,7 +200,7 @@ def stack_config(args):
     return StackConfig(
         data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(), model=model, pretrained=pretrained, shards=args.shards,
         storage=args.storage, gateway_port=args.port, s3_endpoint_url=args.s3_endpoint_url,
-        api_keys_file=args.api_keys_file, device=args.device,
+        api_keys_file=args.api_keys_file, device=args.device, http_port=args.http_port,
     )
 
 
@@ -235,6 +235,9 @@ def cmd_up(args) -> int:
         print(f"  {name:<10} grpc {service['address']:<22} metrics {service['metrics'] or '-':<36} "
               f"log {service['log']}")
     print(f"gateway ready at {info['target']}  (Ctrl-C to stop)", flush=True)
+    web = info["services"]["gateway"].get("web")
+    if web:
+        print(f"web page and HTTP/JSON API at {web}  (OpenAPI: {web}openapi.json)", flush=True)
     try:
         while not stop.wait(0.5):
             exited = stack.first_exited()
@@ -447,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def stack_flags(data_dir: str, port: int) -> argparse.ArgumentParser:
+    def stack_flags(data_dir: str, port: int, http_port: int = -1) -> argparse.ArgumentParser:
         """The flags `up` and `demo` share, each with its own defaults (a parser per command, so
         one command's defaults never leak into the other's)."""
         flags = argparse.ArgumentParser(add_help=False)
@@ -461,11 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
         flags.add_argument("--storage", default="", help="DIR or s3://bucket/prefix (default: DATA_DIR/images)")
         flags.add_argument("--s3-endpoint-url", default="", help="S3 endpoint (MinIO); empty = AWS")
         flags.add_argument("--port", type=int, default=port, help=f"gateway port (default {port}; 0 = any free port)")
+        flags.add_argument("--http-port", type=int, default=http_port,
+                           help=f"the gateway's HTTP/JSON API and web page (default {http_port}; 0 = any free port, "
+                                "-1 = off)")
         flags.add_argument("--api-keys-file", default="",
                            help="the gateway's YAML keys file (see `clipsearch keys create`); empty = no auth")
         return flags
 
-    p = sub.add_parser("up", parents=[stack_flags("", 50050)], help="start a local stack (encoder, index shards, "
+    p = sub.add_parser("up", parents=[stack_flags("", 50050, 8080)], help="start a local stack (encoder, index shards, "
                        "gateway)", description="Starts a local stack. Every service also reads the CLIPSEARCH_* "
                        "environment settings (and the YAML file CLIPSEARCH_CONFIG names); the flags here win.")
     p.set_defaults(func=cmd_up)

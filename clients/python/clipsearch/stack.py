@@ -68,6 +68,7 @@ class StackConfig:
     index_ports: list[int] = dataclasses.field(default_factory=list)  # default: free ports
     s3_endpoint_url: str = ""
     api_keys_file: str = ""  # the gateway's YAML keys file; empty = auth off
+    http_port: int = -1  # the gateway's HTTP/JSON API and web page (0 = any free port, -1 = off)
     device: str = "auto"
 
 
@@ -88,6 +89,7 @@ class ServiceProcess:
         self.proc: subprocess.Popen | None = None
         self.port: int = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None  # the gateway's HTTP front, when it serves one
 
     @property
     def address(self) -> str:
@@ -112,6 +114,7 @@ class ServiceProcess:
             if self.port_file.exists():
                 info = json.loads(self.port_file.read_text())
                 self.port, self.metrics_port = info["port"], info["metrics_port"]
+                self.http_port = info.get("http_port")
                 with grpc.insecure_channel(self.address) as channel:
                     status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
                 if status.status == health_pb2.HealthCheckResponse.SERVING:
@@ -197,6 +200,7 @@ class LocalStack:
                 "--storage", storage, "--data-dir", str(self.data_dir / "gateway"),
                 *(["--s3-endpoint-url", cfg.s3_endpoint_url] if cfg.s3_endpoint_url else []),
                 *(["--api-keys-file", cfg.api_keys_file] if cfg.api_keys_file else []),
+                *(["--http-port", str(cfg.http_port)] if cfg.http_port >= 0 else []),
             ]
             self._spawn("gateway", "gateway", gateway_args, cfg.gateway_port).wait_ready(timeout)
         except BaseException:
@@ -210,7 +214,8 @@ class LocalStack:
             "target": self.gateway_address,
             "data_dir": str(self.data_dir),
             "services": {c.name: {"address": c.address, "pid": c.proc.pid, "log": str(c.log_path),
-                                  "metrics": f"http://{c.host}:{c.metrics_port}/metrics" if c.metrics_port else ""}
+                                  "metrics": f"http://{c.host}:{c.metrics_port}/metrics" if c.metrics_port else "",
+                                  "web": f"http://{c.host}:{c.http_port}/" if c.http_port else ""}
                          for c in self.children},
         }
 

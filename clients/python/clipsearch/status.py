@@ -19,8 +19,28 @@ ERROR_DOMAIN = "clipsearch"
 RETRY_AFTER_TRAILER = "retry-after-ms"
 
 
+# The HTTP status of each gRPC code (google.rpc.Code's documented mapping, as Envoy's
+# gRPC-JSON transcoder and grpc-gateway use).
+HTTP_STATUS = {
+    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "UNAUTHENTICATED": 401,
+    "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501, "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500,
+}
+
+
 def status_for_error(error: ClipsearchError) -> grpc.Status:
     """A rich gRPC status for an error: its code and message, plus its field and reason when set."""
+    status = status_proto(error)
+    rich = rpc_status.to_status(status)
+    if error.retry_after is None:
+        return rich
+    trailer = (RETRY_AFTER_TRAILER, str(max(0, round(error.retry_after * 1000))))
+    return rich._replace(trailing_metadata=(*rich.trailing_metadata, trailer))
+
+
+def status_proto(error: ClipsearchError) -> status_pb2.Status:
+    """The google.rpc.Status of an error: code, message and BadRequest/ErrorInfo/RetryInfo details."""
     details = []
     if error.field:
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
@@ -31,12 +51,7 @@ def status_for_error(error: ClipsearchError) -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(max(0, round(error.retry_after * 1000)))
         details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message, details=details)
-    rich = rpc_status.to_status(status)
-    if error.retry_after is None:
-        return rich
-    trailer = (RETRY_AFTER_TRAILER, str(max(0, round(error.retry_after * 1000))))
-    return rich._replace(trailing_metadata=(*rich.trailing_metadata, trailer))
+    return status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message, details=details)
 
 
 def error_from_rpc(error: grpc.RpcError) -> ClipsearchError:

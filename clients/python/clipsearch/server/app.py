@@ -65,6 +65,8 @@ class GrpcService:
         self._metrics_server = None
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None
+        # More ports for the port file, e.g. {"http_port": ...} of a second front.
+        self.extra_ports: dict[str, int] = {}
 
     def _build_server(self) -> grpc.aio.Server:
         """Builds the server; must run inside the event loop that will serve it."""
@@ -142,11 +144,12 @@ class GrpcService:
             self._metrics_server = None
 
     def write_port_file(self, path: str) -> None:
-        """Writes {"port", "metrics_port", "pid"} atomically, for callers that bound port 0."""
+        """Writes {"port", "metrics_port", extra ports, "pid"} atomically, for callers that bound port 0."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, **self.extra_ports,
+                                   "pid": os.getpid()}))
         os.replace(tmp, target)
 
 
