@@ -13,6 +13,8 @@ in the same run, then one summary table (bench/results/summary.json).
 |    | (bench.index_bench)                            |                                    | >= 0.95 (IVF)      |
 | P3 | encoder throughput, 16 concurrent 1-item calls | one in-process batched model call  | >= 0.85x           |
 | P4 | one text query's encode (bench.encoder_bench)  | the untrimmed 77-token encode      | <= 0.35x           |
+| P5 | 32 text queries in one BatchSearchImages, q/s  | 32 sequential SearchImages, same   | >= 3x              |
+|    |                                                | stack (the P1 one)                 |                    |
 | P7 | ingest via the gateway: store, encode, upsert  | the encoder alone, same images     | >= 0.8x            |
 | P8 | index memory per vector, Flat and IVF-PQ       | raw float32 bytes                  | <= 1.1x / <= 100 B |
 | -- | scaling: index size, build time, query p50    | --                                 | --                 |
@@ -83,6 +85,7 @@ RECALL_TARGET = 0.95
 P3_RATIO, P4_RATIO, P7_RATIO = 0.85, 0.35, 0.8
 ONNX_P4_RATIO, ONNX_IMAGES_RATIO, ONNX_P1_RATIO, ONNX_P1_RATE_RATIO = 0.5, 1.3, 0.5, 2.0
 P8_FLAT_RATIO, P8_PQ_BYTES = 1.1, 100.0
+BATCH_QUERIES, BATCH_ROUNDS, P5_RATIO = 32, 3, 3.0
 
 ADJECTIVES = ["red", "old", "small", "wooden", "shiny", "broken", "giant", "striped", "sleepy", "vintage"]
 NOUNS = ["bicycle", "dog", "lighthouse", "teapot", "sailboat", "guitar", "owl", "tractor", "umbrella", "castle"]
@@ -283,6 +286,7 @@ def run_p1(mode: Mode, model, p2: dict, workdir: Path) -> tuple[list[dict], dict
                                                                    clients))
         many = {"gateway": summarize_ms(ours_samples), "in_process_batched": summarize_ms(base_samples),
                 "gateway_qps": len(texts) / ours_wall, "in_process_qps": len(texts) / base_wall}
+        batched = batch_search_figures(stub, nprobe)
     except BaseException:
         for child in children:
             child.terminate(10)
@@ -292,7 +296,7 @@ def run_p1(mode: Mode, model, p2: dict, workdir: Path) -> tuple[list[dict], dict
             channel.close()
     details = {"n": mode.n, "index_spec": p2["ivf"]["index_spec"], "nprobe": nprobe,
                "recall_at_10": p2["ivf"]["recall_at_10_grpc"], "model": mode.model, "pretrained": PRETRAINED,
-               "shards": 1, "one_client": one, f"{clients}_clients": many}
+               "shards": 1, "one_client": one, f"{clients}_clients": many, "batch_search": batched}
     where = f"{mode.n:,} vectors {p2['ivf']['index_spec']} nprobe {nprobe}"
     rows = []
     for label, stats, baseline, note in (
@@ -306,7 +310,32 @@ def run_p1(mode: Mode, model, p2: dict, workdir: Path) -> tuple[list[dict], dict
             value = stats[f"{q}_ms"]
             rows.append(row("P1", f"gateway text search, {label}: {q} ms", value, baseline[f"{q}_ms"],
                             f"<= {target:g} ms", value <= target, note))
+    rows.append(row("P5", f"{BATCH_QUERIES} text queries: q/s, one BatchSearchImages vs {BATCH_QUERIES} sequential "
+                    "SearchImages", batched["batch_qps"], batched["sequential_qps"], f">= {P5_RATIO:g}x",
+                    batched["batch_qps"] >= P5_RATIO * batched["sequential_qps"],
+                    f"same stack; best of {BATCH_ROUNDS} rounds each, fresh texts"))
     return rows, details, (encoder, gateway, children)
+
+
+def batch_search_figures(stub, nprobe: int) -> dict:
+    """Queries per second: BATCH_QUERIES fresh texts in one BatchSearchImages, and the same number of
+    other fresh texts as sequential SearchImages calls; rounds interleaved, best round of each."""
+    from clipsearch.gateway.v1 import gateway_service_pb2 as gpb
+
+    batch, sequential = [], []
+    for r in range(BATCH_ROUNDS):
+        requests = _p1_requests([query_text(i, f"seq{r}") for i in range(BATCH_QUERIES)], nprobe)
+        started = time.perf_counter()
+        for request in requests:
+            assert len(stub.SearchImages(request, timeout=120).hits) == TOP_K
+        sequential.append(time.perf_counter() - started)
+        queries = _p1_requests([query_text(i, f"batch{r}") for i in range(BATCH_QUERIES)], nprobe)
+        started = time.perf_counter()
+        response = stub.BatchSearchImages(gpb.BatchSearchImagesRequest(queries=queries), timeout=120)
+        batch.append(time.perf_counter() - started)
+        assert all(len(result.hits) == TOP_K for result in response.results), response.results[0].status
+    return {"queries": BATCH_QUERIES, "batch_qps": BATCH_QUERIES / min(batch),
+            "sequential_qps": BATCH_QUERIES / min(sequential), "batch_s": batch, "sequential_s": sequential}
 
 
 def gateway_figures(address: str, nprobe: int, tag: str, queries: int, concurrent: int, clients: int) -> dict:

@@ -253,6 +253,7 @@ class Rule:
 
 RULES: dict[str, Rule] = {
     "SearchImages": Rule(READ),
+    "BatchSearchImages": Rule(READ),
     "GetImage": Rule(READ),
     "ListImages": Rule(READ),
     "UploadImages": Rule(WRITE, audit=True),

@@ -30,9 +30,12 @@ class GatewayAdmission:
             max_wait=settings.max_queue_wait_ms / 1000.0, learn_from_latency=True,
         )
 
-    def search(self, request: SearchRequest, deadline: Deadline) -> Ticket:
-        nbytes = sum(len(p.text or "") + len(p.image_data or b"") + len(p.vector or b"") for p in request.parts)
-        return self.admission.admit(SEARCH, items=1, nbytes=nbytes, expires=deadline.expires)
+    def search(self, request: SearchRequest, deadline: Deadline, *more: SearchRequest) -> Ticket:
+        """One search, or a batch of them (each query is one item)."""
+        requests = (request, *more)
+        nbytes = sum(len(p.text or "") + len(p.image_data or b"") + len(p.vector or b"")
+                     for r in requests for p in r.parts)
+        return self.admission.admit(SEARCH, items=len(requests), nbytes=nbytes, expires=deadline.expires)
 
     def upload(self, items: Sequence[UploadItem], deadline: Deadline) -> Ticket:
         return self.admission.admit(UPLOAD, items=max(1, len(items)), nbytes=sum(len(i.data) for i in items),

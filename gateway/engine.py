@@ -24,9 +24,9 @@ from gateway.searcher import Searcher
 from gateway.settings import GatewaySettings
 from gateway.shards import Record, ShardSet
 from gateway.storage import ImageStorage, image_deletion_marker, make_storage
-from gateway.types import CollectionDeletion, CollectionInfo, Image, SearchRequest, SearchResult, UploadItem, UploadResult
+from gateway.types import BatchSearchItem, CollectionDeletion, CollectionInfo, Image, SearchRequest, SearchResult, UploadItem, UploadResult
 from gateway.validation import (
-    DEFAULT_LIST_PAGE_SIZE, MAX_PAGE_SIZE, check_image_id, check_upload, clamp_page_size, url_ttl,
+    DEFAULT_LIST_PAGE_SIZE, MAX_PAGE_SIZE, check_count, check_image_id, check_upload, clamp_page_size, url_ttl,
 )
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,13 @@ class Gateway:
     async def search(self, request: SearchRequest, deadline: Deadline) -> SearchResult:
         with self.admission.search(request, deadline):
             return await self.searcher.search(request, deadline)
+
+    async def batch_search(self, collection: str, requests: list[SearchRequest],
+                           deadline: Deadline) -> list[BatchSearchItem]:
+        """Independent searches in one call, each with its own result or error (see Searcher.batch_search)."""
+        check_count(len(requests), self.settings.max_batch_queries, "queries", "query")
+        with self.admission.search(requests[0], deadline, *requests[1:]):
+            return await self.searcher.batch_search(collection, requests, deadline)
 
     async def upload(self, collection: str, items: list[UploadItem], deadline: Deadline) -> list[UploadResult]:
         name = self.collections.resolve(collection)

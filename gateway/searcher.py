@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clipsearch.errors import FailedPrecondition, InvalidArgument, NotFound
+from clipsearch.errors import ClipsearchError, FailedPrecondition, InvalidArgument, NotFound
 from clipsearch.metadata import metadata_bytes, select_keys
 from clipsearch.vectors import unpack_vector
 
@@ -24,9 +24,9 @@ from gateway.settings import GatewaySettings
 from gateway.shards import ShardSet
 from gateway.storage import ImageStorage
 from gateway.types import (
-    AGGREGATION_MAX, CollectionInfo, Feedback, Hit, QueryPart, SearchRequest, SearchResult,
+    AGGREGATION_MAX, BatchSearchItem, CollectionInfo, Feedback, Hit, QueryPart, SearchRequest, SearchResult,
 )
-from gateway.validation import check_image_bytes, check_search, url_ttl
+from gateway.validation import DEFAULT_TOP_K, SearchPlan, check_image_bytes, check_search, url_ttl
 
 
 def query_digest(request: SearchRequest, collection: str) -> str:
@@ -46,47 +46,145 @@ class Searcher:
         self.storage = storage
         self.tokens = tokens
 
-    async def search(self, request: SearchRequest, deadline: Deadline) -> SearchResult:
-        name = self.collections.resolve(request.collection)
+    def _check(self, request: SearchRequest, name: str) -> tuple[SearchPlan, int]:
+        """The request's plan and its URL lifetime; InvalidArgument for a bad request."""
         plan = check_search(request)
         ttl = url_ttl(request.url_ttl_seconds, self.settings)
         for i, part in enumerate(request.parts):
             if part.image_data is not None:
                 check_image_bytes(part.image_data, self.settings.max_image_bytes, f"parts[{i}].image_data")
+        return plan, ttl
+
+    async def search(self, request: SearchRequest, deadline: Deadline) -> SearchResult:
+        name = self.collections.resolve(request.collection)
+        plan, ttl = self._check(request, name)
         key = query_digest(request, name)
         offset = int(self.tokens.open(request.page_token, "search", key)["o"]) if request.page_token else 0
 
         collection = await self.collections.describe(name, deadline)
-        vectors, (positive, negative) = await _gather(
+        (vectors, errors), feedback = await _gather(
             self._part_vectors(request.parts, collection, deadline),
             self._feedback_vectors(request.feedback, name, collection.dim, deadline),
         )
+        if errors:
+            raise errors[min(errors)]
+        queries = self._queries(request, plan, np.stack(vectors), feedback)
+        k, options = self._options(request, deadline)
+        per_row, missing = await self._shard_search(name, queries, k, options)
+        return self._result(name, request, plan, ttl, per_row, missing, offset, key)
+
+    async def batch_search(self, collection_name: str, requests: Sequence[SearchRequest],
+                           deadline: Deadline) -> list[BatchSearchItem]:
+        """Independent queries in one pass: every text and image of every query is embedded in one
+        encoder call, and each shard is searched once per group of queries that share their search
+        options (k, filter, nprobe, ef_search, read mask): once in all, when they all do. Errors
+        of one query (a bad part, an unreadable image, a filter a shard refuses) are that query's, and
+        name fields within it (``parts[0].image_data``)."""
+        name = self.collections.resolve(collection_name)
+        items = [BatchSearchItem() for _ in requests]
+        plans: dict[int, tuple[SearchPlan, int]] = {}
+        for i, request in enumerate(requests):
+            try:
+                if request.collection and self.collections.resolve(request.collection) != name:
+                    raise InvalidArgument(f"a batched query searches the call's collection {name!r}; leave its "
+                                          "collection empty", field="collection")
+                if request.page_size or request.page_token:
+                    raise InvalidArgument("a batched query returns its top_k in one page; page with SearchImages",
+                                          field="page_size")
+                plans[i] = self._check(request, name)
+            except ClipsearchError as error:
+                items[i].error = error
+        collection = await self.collections.describe(name, deadline)
+
+        owners = [(i, j) for i in plans for j in range(len(requests[i].parts))]
+        part_vectors, feedbacks = await _gather(
+            self._part_vectors([requests[i].parts[j] for i, j in owners], collection, deadline,
+                               [f"parts[{j}]" for _, j in owners]),
+            asyncio.gather(*(self._feedback_vectors(requests[i].feedback, name, collection.dim, deadline)
+                             for i in plans), return_exceptions=True),
+        )
+        vectors, errors = part_vectors
+        for position, error in sorted(errors.items()):
+            items[owners[position][0]].error = items[owners[position][0]].error or error
+        rows: dict[int, list[np.ndarray]] = {}
+        for (i, _), vector in zip(owners, vectors):
+            rows.setdefault(i, []).append(vector)
+        groups: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for i, feedback in zip(plans, feedbacks):
+            if items[i].error is None and isinstance(feedback, BaseException):
+                items[i].error = feedback
+            if items[i].error is not None:
+                continue
+            try:
+                queries = self._queries(requests[i], plans[i][0], np.stack(rows[i]), feedback)
+            except ClipsearchError as error:
+                items[i].error = error
+                continue
+            k, options = self._options(requests[i], deadline)
+            groups.setdefault(repr((k, sorted((n, repr(v)) for n, v in options.items() if n != "deadline"))),
+                              []).append((i, queries))
+
+        async def run(members: list[tuple[int, np.ndarray]]) -> None:
+            first = requests[members[0][0]]
+            k, options = self._options(first, deadline)
+            try:
+                per_row, missing = await self._shard_search(name, np.concatenate([q for _, q in members]), k,
+                                                            options)
+            except ClipsearchError as error:
+                if isinstance(error, (NotFound, FailedPrecondition)):
+                    raise
+                for i, _ in members:
+                    items[i].error = error
+                return
+            at = 0
+            for i, queries in members:
+                plan, ttl = plans[i]
+                items[i].result = self._result(name, requests[i], plan, ttl, per_row[at:at + len(queries)], missing)
+                at += len(queries)
+
+        await _gather(*(run(members) for members in groups.values()))
+        return items
+
+    def _queries(self, request: SearchRequest, plan: SearchPlan, vectors: np.ndarray, feedback) -> np.ndarray:
+        """The rows to search: one per part (MAX) or their weighted mean (MEAN), moved by feedback."""
+        positive, negative = feedback
 
         def moved(q: np.ndarray) -> np.ndarray:
             if positive is None and negative is None:
                 return q
             return rocchio(q, positive, negative, plan.positive_weight, plan.negative_weight)
 
-        top_k = plan.top_k
+        if request.aggregation == AGGREGATION_MAX:
+            return np.stack([moved(v) for v in vectors])
+        return moved(combine_mean(vectors, plan.part_weights))[None, :]
+
+    def _options(self, request: SearchRequest, deadline: Deadline) -> tuple[int, dict]:
+        top_k = request.top_k or DEFAULT_TOP_K
         diverse = request.diversity > 0
         k = min(max(top_k * self.settings.mmr_candidates, top_k), MAX_CANDIDATES) if diverse else top_k
-        options = dict(deadline=deadline, filter=request.filter, nprobe=request.nprobe, ef_search=request.ef_search,
-                       include_metadata="metadata" in request.hit_fields, include_vectors=diverse,
-                       policy=self.settings.shard_failure_policy)
+        return k, dict(deadline=deadline, filter=request.filter, nprobe=request.nprobe,
+                       ef_search=request.ef_search, include_metadata="metadata" in request.hit_fields,
+                       include_vectors=diverse, policy=self.settings.shard_failure_policy)
+
+    async def _shard_search(self, name: str, queries: np.ndarray, k: int, options: dict):
         try:
-            if request.aggregation == AGGREGATION_MAX:
-                queries = np.stack([moved(v) for v in vectors])
-                per_part, missing = await self.shards.search(name, queries, k, **options)
-                ranked = aggregate_max(per_part, plan.part_weights)[:k]
-            else:
-                query = moved(combine_mean(vectors, plan.part_weights))
-                hits, missing = await self.shards.search(name, query[None, :], k, **options)
-                ranked = hits[0]
+            return await self.shards.search(name, queries, k, **options)
         except (NotFound, FailedPrecondition):
             self.collections.forget(name)
             raise
+
+    def _result(self, name: str, request: SearchRequest, plan: SearchPlan, ttl: int,
+                per_row: Sequence[Sequence[Candidate]], missing: list[str], offset: int = 0,
+                key: str = "") -> SearchResult:
+        """Aggregation, the score cut-off, MMR, then the page at ``offset``."""
+        top_k = plan.top_k
+        k, _ = self._options(request, None)
+        if request.aggregation == AGGREGATION_MAX:
+            ranked = aggregate_max(per_row, plan.part_weights)[:k]
+        else:
+            ranked = list(per_row[0])
         ranked = cut_min_score(ranked, request.min_score)
-        if diverse:
+        if request.diversity > 0:
             ranked = mmr(ranked, top_k, request.diversity)
         chunk, following = page(ranked[:top_k], offset, plan.page_size)
         metadata = [select_keys(c.metadata, request.metadata_keys) for c in chunk]
@@ -107,17 +205,24 @@ class Searcher:
         except InvalidArgument:  # an id written to the index by something other than the gateway
             return ""
 
-    async def _part_vectors(self, parts: Sequence[QueryPart], collection: CollectionInfo,
-                            deadline: Deadline) -> np.ndarray:
-        """One unit vector per query part, as the rows of a matrix."""
+    async def _part_vectors(self, parts: Sequence[QueryPart], collection: CollectionInfo, deadline: Deadline,
+                            fields: Sequence[str] | None = None,
+                            ) -> tuple[list[np.ndarray | None], dict[int, ClipsearchError]]:
+        """One unit vector per query part (texts in one encoder call, images in one), and the
+        error of each part that has none. ``fields`` names the parts in errors (``parts[i]``)."""
+        fields = fields or [f"parts[{i}]" for i in range(len(parts))]
         vectors: list[np.ndarray | None] = [None] * len(parts)
+        errors: dict[int, ClipsearchError] = {}
         texts = [(i, p.text) for i, p in enumerate(parts) if p.text is not None]
         images = [(i, p.image_data) for i, p in enumerate(parts) if p.image_data is not None]
         stored = [(i, p.image_id) for i, p in enumerate(parts) if p.image_id is not None]
         for i, part in enumerate(parts):
             if part.vector is not None:
-                at = f"parts[{i}].vector"
-                vectors[i] = unit(unpack_vector(part.vector, dim=collection.dim, field=at), at, field=at)
+                at = f"{fields[i]}.vector"
+                try:
+                    vectors[i] = unit(unpack_vector(part.vector, dim=collection.dim, field=at), at, field=at)
+                except ClipsearchError as error:
+                    errors[i] = error
 
         async def embed_texts() -> None:
             if not texts:
@@ -135,8 +240,8 @@ class Searcher:
             self.collections.check_model(collection, result.fingerprint, result.vectors.shape[1])
             for (i, _), vector, error in zip(images, result.vectors, result.errors):
                 if error is not None:
-                    raise InvalidArgument(f"parts[{i}].image_data could not be read as an image: {error.message}",
-                                          field=f"parts[{i}].image_data")
+                    at = f"{fields[i]}.image_data"
+                    errors[i] = InvalidArgument(f"{at} could not be read as an image: {error.message}", field=at)
                 vectors[i] = vector
 
         async def fetch_stored() -> None:
@@ -146,13 +251,17 @@ class Searcher:
                                               include_vectors=True)
             for i, image_id in stored:
                 record = records.get(image_id)
+                at = f"{fields[i]}.image_id"
                 if record is None:
-                    raise NotFound(f"parts[{i}].image_id {image_id} is not in collection {collection.name!r}",
-                                   field=f"parts[{i}].image_id")
-                vectors[i] = unit(record.vector, f"the stored vector of {image_id}", field=f"parts[{i}].image_id")
+                    errors[i] = NotFound(f"{at} {image_id} is not in collection {collection.name!r}", field=at)
+                    continue
+                try:
+                    vectors[i] = unit(record.vector, f"the stored vector of {image_id}", field=at)
+                except ClipsearchError as error:
+                    errors[i] = error
 
         await _gather(embed_texts(), embed_images(), fetch_stored())
-        return np.stack(vectors).astype(np.float32)
+        return vectors, errors
 
     async def _feedback_vectors(self, feedback: Feedback, collection: str, dim: int, deadline: Deadline,
                                 ) -> tuple[np.ndarray | None, np.ndarray | None]:

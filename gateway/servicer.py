@@ -107,6 +107,11 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return out
 
 
+def hits_out(hits: list[types.Hit]) -> list[gpb.SearchHit]:
+    return [gpb.SearchHit(id=h.id, score=h.score, url=h.url,
+                          metadata=metadata_to_proto(h.metadata) if h.metadata is not None else None) for h in hits]
+
+
 def image_out(image: types.Image) -> gpb.Image:
     return gpb.Image(id=image.id, url=image.url, metadata=metadata_to_proto(image.metadata),
                      size_bytes=image.size_bytes, content_type=image.content_type)
@@ -152,13 +157,19 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
 
     async def SearchImages(self, request, context):
         result = await self.engine.search(search_in(request), deadline_of(context))
-        return gpb.SearchImagesResponse(
-            hits=[gpb.SearchHit(id=h.id, score=h.score, url=h.url,
-                                metadata=metadata_to_proto(h.metadata) if h.metadata is not None else None)
-                  for h in result.hits],
-            next_page_token=result.next_page_token, partial=bool(result.missing_shards),
-            missing_shards=result.missing_shards,
-        )
+        return gpb.SearchImagesResponse(hits=hits_out(result.hits), next_page_token=result.next_page_token,
+                                        partial=bool(result.missing_shards), missing_shards=result.missing_shards)
+
+    async def BatchSearchImages(self, request, context):
+        items = await self.engine.batch_search(request.collection, [search_in(q) for q in request.queries],
+                                               deadline_of(context))
+        return gpb.BatchSearchImagesResponse(results=[
+            gpb.BatchSearchResult(status=item_status(item.error), hits=hits_out(item.result.hits),
+                                  partial=bool(item.result.missing_shards),
+                                  missing_shards=item.result.missing_shards)
+            if item.error is None else gpb.BatchSearchResult(status=item_status(item.error))
+            for item in items
+        ])
 
     async def UploadImages(self, request, context):
         items = [types.UploadItem(item.data, metadata_in(item.metadata), item.filename) for item in request.items]

@@ -79,6 +79,7 @@ class GatewaySettings(ServerSettings):
     text_cache_size: int = field(default=4096, metadata={"help": "text embeddings kept in the LRU cache (0 = off)"})
     max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "largest image accepted, in bytes"})
     max_upload_items: int = field(default=256, metadata={"help": "most images in one UploadImages call"})
+    max_batch_queries: int = field(default=64, metadata={"help": "most queries in one BatchSearchImages call"})
     max_in_flight_mb: int = field(
         default=256,
         metadata={"help": "budget of request bytes (images, query parts) held by admitted searches and uploads, in "
@@ -170,7 +171,8 @@ class GatewaySettings(ServerSettings):
             raise SettingsError("internal_tls_cert and internal_tls_key go together (mTLS)")
         if self.internal_tls_cert and not self.internal_tls_ca:
             raise SettingsError("internal_tls_cert needs internal_tls_ca (the CA of the internal services)")
-        for name in ("encoder_batch_size", "import_batch_size", "max_upload_items", "mmr_candidates"):
+        for name in ("encoder_batch_size", "import_batch_size", "max_upload_items", "max_batch_queries",
+                     "mmr_candidates"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1")
         if self.text_cache_size < 0 or self.internal_retries < 0:

@@ -88,6 +88,14 @@ class SearchResult:
 
 
 @dataclass
+class BatchSearchItem:
+    """One query's outcome in a batch search: a result, or the error of that query alone."""
+
+    result: SearchResult | None = None
+    error: Exception | None = None  # a ClipsearchError, or None when OK
+
+
+@dataclass
 class UploadItem:
     data: bytes
     metadata: Metadata = field(default_factory=dict)

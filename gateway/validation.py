@@ -167,10 +167,15 @@ def check_image_bytes(data: bytes, max_bytes: int, field: str) -> str:
 
 
 def check_upload(items: Sequence[UploadItem], max_items: int, field: str = "items") -> None:
-    if not items:
-        raise InvalidArgument(f"{field} is empty: send at least one image", field=field)
-    if len(items) > max_items:
-        raise InvalidArgument(f"{len(items)} items in one call; the limit is {max_items}", field=field)
+    check_count(len(items), max_items, field, "image")
+
+
+def check_count(count: int, max_items: int, field: str, what: str) -> None:
+    """A batch of ``count`` items: at least one, at most ``max_items``."""
+    if not count:
+        raise InvalidArgument(f"{field} is empty: send at least one {what}", field=field)
+    if count > max_items:
+        raise InvalidArgument(f"{count} {field} in one call; the limit is {max_items}", field=field)
 
 
 def url_ttl(requested: int, settings, field: str = "url_ttl_seconds") -> int:

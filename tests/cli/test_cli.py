@@ -163,6 +163,29 @@ def test_sdk_sync_and_async_with_typed_errors(stack):
     assert error.code == "NOT_FOUND"
 
 
+def test_batch_search_through_the_cli_and_both_sdks(stack, tmp_path):
+    query = write_images(tmp_path / "q", 1, seed=99)[0]
+    with Client(stack["info"]["target"], api_key=API_KEY) as client:
+        client.upload_files([query])
+        results = client.batch_search(["a red circle", {"image": str(query), "top_k": 2},
+                                       {"image_id": "0" * 64}], top_k=3)
+    assert [r.ok for r in results] == [True, True, False] and results[2].error_code == "NOT_FOUND"
+    assert len(results[0].hits) == 3 and results[1].hits[0].id == sha(query) and len(results[1].hits) == 2
+
+    async def run_async():
+        async with AsyncClient(stack["info"]["target"], api_key=API_KEY) as client:
+            return await client.batch_search(["a red circle", "a blue square"], top_k=2)
+
+    assert [len(r.hits) for r in asyncio.run(run_async())] == [2, 2]
+    queries = tmp_path / "queries.txt"
+    queries.write_text(f'a red circle\n# a comment\n{{"image": "{query}", "top_k": 1}}\n')
+    found = json.loads(cli(stack, "search", "--queries-file", str(queries), "--top-k", "4", "--json").stdout)
+    assert [len(r["hits"]) for r in found] == [4, 1] and found[1]["hits"][0]["id"] == sha(query)
+    queries.write_text('a red circle\n{"image_id": "' + "0" * 64 + '"}\n')
+    failed = cli(stack, "search", "--queries-file", str(queries), check=False)
+    assert failed.returncode == 1 and "NOT_FOUND" in failed.stdout and "rank" in failed.stdout
+
+
 def test_down_stops_every_process_cleanly(stack):
     pids = [s["pid"] for s in stack["info"]["services"].values()]
     cli(stack, "down")

@@ -168,3 +168,32 @@ def test_upload_statuses_per_item(harness):
         assert stored == [image_id_for(good)]
 
     harness(scenario, max_image_bytes=4000)
+
+
+def test_batch_search_embeds_once_searches_each_shard_once_and_reports_per_query(harness):
+    async def scenario(gateway, encoder, shards):
+        images = [png(i) for i in range(6)]
+        await gateway.upload("", [UploadItem(data) for data in images], Deadline.after(10))
+        for _, fake, _ in shards:
+            fake.calls.clear()
+        encoder.calls.clear()
+        encoder.text_calls.clear()
+        queries = [text_query(f"query {i}", top_k=3) for i in range(5)]
+        queries.append(SearchRequest(parts=[QueryPart(image_data=images[2])], top_k=3))
+        queries.append(SearchRequest(parts=[QueryPart(image_data=b"not an image")], top_k=3))  # fails alone
+        queries.append(text_query("paged", page_size=1))  # refused alone
+        items = await gateway.batch_search("", queries, Deadline.after(10))
+
+        assert encoder.text_calls == [[f"query {i}" for i in range(5)]]  # every text in one call
+        assert encoder.calls.count("EmbedImages") == 1
+        assert [fake.calls.count("SearchVectors") for _, fake, _ in shards] == [1, 1]
+        for i in range(5):
+            single = await gateway.search(queries[i], Deadline.after(10))
+            assert [h.id for h in items[i].result.hits] == [h.id for h in single.hits] and items[i].error is None
+        assert items[5].result.hits[0].id == image_id_for(images[2])
+        assert isinstance(items[6].error, InvalidArgument) and items[6].error.field == "parts[0].image_data"
+        assert isinstance(items[7].error, InvalidArgument) and items[7].result is None
+        with pytest.raises(InvalidArgument):
+            await gateway.batch_search("", [text_query("q")] * 65, Deadline.after(10))
+
+    harness(scenario)

@@ -107,6 +107,9 @@ def matrix_calls(world):
         ("GetCollection", gpb.GetCollectionRequest(name="team-a"), "reader"),
         ("ListCollections", gpb.ListCollectionsRequest(), "reader"),
         ("DeleteCollection", gpb.DeleteCollectionRequest(name="team-a-tmp"), "admin-a"),
+        ("BatchSearchImages", gpb.BatchSearchImagesRequest(
+            collection="team-a", queries=[gpb.SearchImagesRequest(parts=[gpb.QueryPart(image_id=ids[0])])]),
+         "reader"),
     ]
 
 

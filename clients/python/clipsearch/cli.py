@@ -283,9 +283,50 @@ def cmd_import(args) -> int:
     return 1 if counts.get("failed") else 0
 
 
+def read_queries_file(path: str) -> list[str | dict]:
+    """One query per line: a text, or a JSON object of search options ({"text": ..., "image": PATH,
+    "filter": {...}, "top_k": 5, ...}); blank lines and lines starting with # are skipped."""
+    queries: list[str | dict] = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                queries.append(json.loads(line))
+            except ValueError as exc:
+                raise SystemExit(f"error: {path}:{number}: not a JSON object: {exc}") from None
+        else:
+            queries.append(line)
+    if not queries:
+        raise SystemExit(f"error: {path} holds no queries")
+    return queries
+
+
+def cmd_batch_search(args) -> int:
+    """--queries-file: every query in one BatchSearchImages call; a failed query is reported alone."""
+    queries = read_queries_file(args.queries_file)
+    with make_client(args) as client:
+        results = client.batch_search(queries, top_k=args.top_k, min_score=args.min_score,
+                                      filter=parse_filters(args.filter), diversity=args.diversity)
+    if args.json:
+        print(json.dumps([json.loads(results_json(r)) if r.ok else {"error_code": r.error_code, "error": r.error}
+                          for r in results], indent=2))
+    else:
+        for query, result in zip(queries, results):
+            title = f"results for {query!r}" if isinstance(query, str) else f"results for {json.dumps(query)}"
+            if result.ok:
+                print_results(result, title)
+            else:
+                print(f"\n{title}\n  error: {result.error_code}: {result.error}")
+    return 0 if all(r.ok for r in results) else 1
+
+
 def cmd_search(args) -> int:
+    if args.queries_file:
+        return cmd_batch_search(args)
     if not args.text and not args.image and not args.image_id:
-        raise SystemExit("error: give a text, --image PATH or --image-id ID")
+        raise SystemExit("error: give a text, --image PATH, --image-id ID or --queries-file FILE")
     with make_client(args) as client:
         results = client.search(
             args.text or None, image=args.image, image_id=args.image_id, top_k=args.top_k,
@@ -516,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--less-like", action="append", default=[], metavar="ID", help="relevance feedback: negative id")
     p.add_argument("--page-size", type=int, default=0)
     p.add_argument("--page-token", default="")
+    p.add_argument("--queries-file", default="", metavar="FILE",
+                   help="run many queries in one BatchSearchImages call: one per line, a text or a JSON object "
+                        "of search options ({\"text\": ..., \"image\": PATH, \"filter\": {...}, \"top_k\": 5})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_search)
 

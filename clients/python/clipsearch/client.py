@@ -39,7 +39,7 @@ SERVICE = "clipsearch.gateway.v1.GatewayService"
 # Retried by the channel on UNAVAILABLE: reads and idempotent writes (uploads are
 # content-addressed, imports are keyed by source).
 IDEMPOTENT_METHODS = [
-    "SearchImages", "GetImage", "ListImages", "GetImportJob", "GetCollection", "ListCollections",
+    "SearchImages", "BatchSearchImages", "GetImage", "ListImages", "GetImportJob", "GetCollection", "ListCollections",
     "UploadImages", "ImportImages", "DeleteImage", "RepairCollection", "GetRepairJob",
 ]
 # SearchHit fields a search returns when metadata is not wanted (read_mask).
@@ -60,6 +60,13 @@ class SearchResults:
     next_page_token: str = ""
     partial: bool = False
     missing_shards: list[str] = dataclasses.field(default_factory=list)
+    # In a batch search: None when the query succeeded; otherwise the gRPC code name and message.
+    error_code: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
 
     def __iter__(self) -> Iterator[SearchHit]:
         return iter(self.hits)
@@ -229,9 +236,15 @@ def _search_request(collection: str, *, text=None, image=None, image_id=None, ve
 def _parse_search(response) -> SearchResults:
     return SearchResults(
         hits=[SearchHit(h.id, h.score, h.url, metadata_from_proto(h.metadata)) for h in response.hits],
-        next_page_token=response.next_page_token, partial=response.partial,
+        next_page_token=getattr(response, "next_page_token", ""), partial=response.partial,
         missing_shards=list(response.missing_shards),
     )
+
+
+def _parse_batch_search(response) -> list[SearchResults]:
+    return [_parse_search(r) if r.status.code == OK else
+            SearchResults([], error_code=code_name(r.status.code), error=r.status.message)
+            for r in response.results]
 
 
 def _parse_image(image) -> Image:
@@ -354,6 +367,17 @@ class _ClientBase:
             min_score=min_score, filter=filter, diversity=diversity, page_size=page_size, page_token=page_token,
             nprobe=nprobe, ef_search=ef_search, with_metadata=with_metadata)
         return self._call("SearchImages", request, _parse_search)
+
+    def batch_search(self, queries: Sequence[str | Mapping[str, Any]], *, collection: str | None = None,
+                     **options):
+        """Independent searches in one call: each query is a text, or a dict of ``search()``'s
+        keyword arguments (text, image, parts, filter, ...); ``options`` (top_k, filter, ...)
+        apply to every query that does not set them. One SearchResults per query, in order; a
+        failed query has ``ok`` False and ``error_code``/``error`` set, and the others still answer."""
+        requests = [_search_request("", **{**options, **({"text": q} if isinstance(q, str) else q)})
+                    for q in queries]
+        request = pb.BatchSearchImagesRequest(collection=self._collection(collection), queries=requests)
+        return self._call("BatchSearchImages", request, _parse_batch_search)
 
     def upload(self, items: Sequence[bytes | tuple[bytes, Mapping[str, MetadataScalar] | None]], *,
                collection: str | None = None):

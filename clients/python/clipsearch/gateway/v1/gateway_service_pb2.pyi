@@ -125,6 +125,32 @@ class SearchImagesResponse(_message.Message):
     missing_shards: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., partial: _Optional[bool] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class BatchSearchImagesRequest(_message.Message):
+    __slots__ = ("collection", "queries")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    queries: _containers.RepeatedCompositeFieldContainer[SearchImagesRequest]
+    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[SearchImagesRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchSearchResult(_message.Message):
+    __slots__ = ("status", "hits", "partial", "missing_shards")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    status: _common_pb2.ItemStatus
+    hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
+    partial: bool
+    missing_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, status: _Optional[_Union[_common_pb2.ItemStatus, _Mapping]] = ..., hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., partial: _Optional[bool] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BatchSearchImagesResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchSearchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchSearchResult, _Mapping]]] = ...) -> None: ...
+
 class UploadItem(_message.Message):
     __slots__ = ("data", "metadata", "filename")
     DATA_FIELD_NUMBER: _ClassVar[int]

@@ -52,6 +52,11 @@ class GatewayServiceStub:
                 request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.SearchImagesRequest.SerializeToString,
                 response_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.SearchImagesResponse.FromString,
                 _registered_method=True)
+        self.BatchSearchImages = channel.unary_unary(
+                '/clipsearch.gateway.v1.GatewayService/BatchSearchImages',
+                request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.BatchSearchImagesRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.BatchSearchImagesResponse.FromString,
+                _registered_method=True)
         self.UploadImages = channel.unary_unary(
                 '/clipsearch.gateway.v1.GatewayService/UploadImages',
                 request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.UploadImagesRequest.SerializeToString,
@@ -132,6 +137,19 @@ class GatewayServiceServicer:
 
     def SearchImages(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchSearchImages(self, request, context):
+        """Runs independent searches in one call (at most the gateway's
+        max_batch_queries). The texts and images of every query are embedded in
+        one encoder call, and each index shard is searched once per group of
+        queries sharing their search options (top_k, diversity, filter, params,
+        read mask): once in all when they all do. Reports a status per query
+        (per-item statuses): one bad query does not fail the others. A query
+        returns its top_k in one page (page_size and page_token stay unset).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -235,6 +253,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     request_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.SearchImagesRequest.FromString,
                     response_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.SearchImagesResponse.SerializeToString,
             ),
+            'BatchSearchImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchSearchImages,
+                    request_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.BatchSearchImagesRequest.FromString,
+                    response_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.BatchSearchImagesResponse.SerializeToString,
+            ),
             'UploadImages': grpc.unary_unary_rpc_method_handler(
                     servicer.UploadImages,
                     request_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.UploadImagesRequest.FromString,
@@ -336,6 +359,33 @@ class GatewayService:
             '/clipsearch.gateway.v1.GatewayService/SearchImages',
             clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.SearchImagesRequest.SerializeToString,
             clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.SearchImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchSearchImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.gateway.v1.GatewayService/BatchSearchImages',
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.BatchSearchImagesRequest.SerializeToString,
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.BatchSearchImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,
