@@ -258,6 +258,7 @@ RULES: dict[str, Rule] = {
     "ListImages": Rule(READ),
     "UploadImages": Rule(WRITE, audit=True),
     "DeleteImage": Rule(WRITE, audit=True),
+    "UpdateImage": Rule(WRITE, audit=True),
     "ImportImages": Rule(WRITE, audit=True),
     "GetImportJob": Rule(None),  # read on the job's collection
     "RepairCollection": Rule(ADMIN, audit=True),
@@ -292,7 +293,7 @@ def check_call(principal: Principal, method: str, request: Any, collection: str)
 
 def audit_fields(method: str, request: Any) -> dict[str, Any]:
     """What an audit line says about the request besides its collection (ids, sources, counts)."""
-    if method == "DeleteImage":
+    if method in ("DeleteImage", "UpdateImage"):
         return {"image_id": request.id}
     if method == "ImportImages":
         return {"source": request.source[:500]}

@@ -24,7 +24,7 @@ from gateway.searcher import Searcher
 from gateway.settings import GatewaySettings
 from gateway.shards import Record, ShardSet
 from gateway.storage import ImageStorage, image_deletion_marker, make_storage
-from gateway.types import BatchSearchItem, CollectionDeletion, CollectionInfo, Image, SearchRequest, SearchResult, UploadItem, UploadResult
+from gateway.types import BatchSearchItem, CollectionDeletion, CollectionInfo, Image, Metadata, SearchRequest, SearchResult, UploadItem, UploadResult
 from gateway.validation import (
     DEFAULT_LIST_PAGE_SIZE, MAX_PAGE_SIZE, check_count, check_image_id, check_upload, clamp_page_size, url_ttl,
 )
@@ -114,6 +114,15 @@ class Gateway:
         record = (await self.shards.fetch(name, [image_id], deadline)).get(image_id)
         if record is None:
             raise NotFound(f"image {image_id} is not in collection {name!r}", field="id")
+        return self._image(name, record, ttl)
+
+    async def update_image(self, collection: str, image_id: str, metadata: Metadata, paths: list[str],
+                           deadline: Deadline, url_ttl_seconds: int = 0) -> Image:
+        """UpdateImage: merges or replaces the image's metadata by the field mask ``paths``."""
+        name = self.collections.resolve(collection)
+        check_image_id(image_id)
+        ttl = url_ttl(url_ttl_seconds, self.settings)
+        record = await self.ingestor.update_metadata(name, image_id, metadata, paths, deadline)
         return self._image(name, record, ttl)
 
     async def list_images(self, collection: str, page_size: int, page_token: str, deadline: Deadline,

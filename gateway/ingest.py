@@ -10,6 +10,11 @@ object with no index entry, which a retry or a repair job finishes.
 A retry converges: for ids already indexed, ingest checks that the object is
 there and writes it again when it is not; ids whose index entry lacks the
 gateway's own metadata are indexed again.
+
+Uploading bytes that are already indexed merges the item's metadata into the
+stored metadata (its keys replace the same keys; the others stay), and the
+result says ``metadata_updated`` when that changed anything. ``update_metadata``
+(UpdateImage) merges or replaces metadata by a field mask (AIP-134).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from gateway.collections import Collections
 from gateway.deadline import Deadline
 from gateway.encoder import EncoderClient
 from gateway.settings import GatewaySettings
-from gateway.shards import ShardSet
+from gateway.shards import Record, ShardSet
 from gateway.storage import ImageStorage, image_id_for
 from gateway.types import Metadata, UploadItem, UploadResult
 from gateway.validation import check_image_bytes, check_metadata
@@ -41,6 +46,38 @@ META_FILENAME = "filename"
 META_CONTENT_TYPE = "content_type"
 META_SIZE = "size_bytes"
 META_SOURCE = "source"
+# Keys that describe the stored bytes: no caller may set or remove them.
+FIXED_KEYS = (META_CONTENT_TYPE, META_SIZE)
+
+
+def masked_metadata(stored: Metadata, given: Metadata, paths: Sequence[str]) -> Metadata:
+    """The metadata an UpdateImage leaves (AIP-134 field mask over ``metadata``):
+
+    - no paths: merge, every given key is set and the others stay;
+    - ``metadata`` or ``*``: replace, the given keys become the caller's metadata
+      (``content_type`` and ``size_bytes`` stay);
+    - ``metadata.<key>``: that key alone is set from ``given``, or removed when absent.
+    """
+    fixed = [key for key in given if key in FIXED_KEYS]
+    if fixed:
+        raise InvalidArgument(f"metadata key {fixed[0]!r} is set by the gateway from the image bytes",
+                              field="metadata")
+    if not paths:
+        return {**stored, **given}
+    out = dict(stored)
+    for path in paths:
+        if path in ("metadata", "*"):
+            out = {**{k: v for k, v in stored.items() if k in FIXED_KEYS}, **given}
+        elif path.startswith("metadata.") and path[len("metadata."):] not in FIXED_KEYS + ("",):
+            key = path[len("metadata."):]
+            if key in given:
+                out[key] = given[key]
+            else:
+                out.pop(key, None)
+        else:
+            raise InvalidArgument(f"update_mask path {path!r} cannot be updated; use 'metadata' (replace) or "
+                                  "'metadata.<key>' (set or remove one key)", field="update_mask")
+    return out
 
 
 class KeyedLocks:
@@ -136,7 +173,9 @@ class Ingestor:
                 prepared[image_id].position].error is None]
             vectors, fingerprint = await self._embed(collection, fresh, prepared, results, field, deadline)
             async with self.lock(name, prepared):
-                await self._store(name, list(indexed), prepared, results, deadline)
+                present = await self._store(name, list(indexed), prepared, results, deadline)
+                await self._merge_metadata(name, {i: indexed[i] for i in present}, prepared, collection, results,
+                                           field, deadline)
                 embedded = [image_id for image_id in fresh if image_id in vectors]
                 stored = await self._store(name, embedded, prepared, results, deadline)
                 await self._index(name, stored, vectors, prepared, fingerprint, results, deadline)
@@ -151,15 +190,61 @@ class Ingestor:
         return results
 
     async def _indexed(self, name: str, prepared: dict[str, Prepared], results: list[UploadResult],
-                       deadline: Deadline) -> set[str]:
-        """Ids already indexed with the gateway's metadata; ids whose shard failed get its error."""
-        records, unreachable = await self.shards.fetch_each(name, list(prepared), deadline)
+                       deadline: Deadline) -> dict[str, Record]:
+        """Records (with vectors) of the ids already indexed with the gateway's metadata; ids whose
+        shard failed get its error."""
+        records, unreachable = await self.shards.fetch_each(name, list(prepared), deadline, include_vectors=True)
         for image_id, error in unreachable.items():
             if isinstance(error, (NotFound, FailedPrecondition)):
                 self.collections.forget(name)
                 raise error  # the collection itself is gone or broken: fail the call
             results[prepared[image_id].position].error = error
-        return {image_id for image_id, record in records.items() if META_CONTENT_TYPE in record.metadata}
+        return {image_id: record for image_id, record in records.items() if META_CONTENT_TYPE in record.metadata}
+
+    async def _merge_metadata(self, name: str, records: dict[str, Record], prepared: dict[str, Prepared],
+                              collection, results: list[UploadResult], field: str, deadline: Deadline) -> None:
+        """Re-uploaded images: the item's metadata merged into the stored one, written when it changed."""
+        changed: dict[str, Record] = {}
+        for image_id, record in records.items():
+            item = prepared[image_id]
+            merged = {**record.metadata, **item.metadata}
+            if merged == record.metadata:
+                continue
+            try:
+                check_metadata(merged, f"{field}[{item.position}]", self.limits)
+            except InvalidArgument as error:
+                results[item.position].error = error
+                continue
+            changed[image_id] = Record(image_id, merged, record.vector)
+        errors = await self._rewrite(name, list(changed.values()), collection.model_fingerprint, deadline)
+        for image_id, error in zip(changed, errors):
+            results[prepared[image_id].position].error = error
+            results[prepared[image_id].position].metadata_updated = error is None
+
+    async def _rewrite(self, name: str, records: list[Record], fingerprint: str,
+                       deadline: Deadline) -> list[ClipsearchError | None]:
+        """Writes records again with their stored vectors and new metadata (the upsert replaces it)."""
+        if not records:
+            return []
+        return await self.shards.upsert(name, [r.id for r in records], np.stack([r.vector for r in records]),
+                                        [r.metadata for r in records], fingerprint, deadline)
+
+    async def update_metadata(self, name: str, image_id: str, given: Metadata, paths: Sequence[str],
+                              deadline: Deadline) -> Record:
+        """UpdateImage: the image's metadata after ``masked_metadata``; NotFound when it is not indexed."""
+        collection = await self.collections.describe(name, deadline)
+        async with self.lock(name, [image_id]):
+            record = (await self.shards.fetch(name, [image_id], deadline, include_vectors=True)).get(image_id)
+            if record is None:
+                raise NotFound(f"image {image_id} is not in collection {name!r}", field="id")
+            updated = masked_metadata(record.metadata, given, paths)
+            check_metadata(updated, "", self.limits)
+            if updated != record.metadata:
+                error = (await self._rewrite(name, [Record(image_id, updated, record.vector)],
+                                             collection.model_fingerprint, deadline))[0]
+                if error is not None:
+                    raise error
+        return Record(image_id, updated)
 
     async def _embed(self, collection, ids: list[str], prepared: dict[str, Prepared], results: list[UploadResult],
                      field: str, deadline: Deadline):

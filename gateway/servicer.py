@@ -175,7 +175,8 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         items = [types.UploadItem(item.data, metadata_in(item.metadata), item.filename) for item in request.items]
         results = await self.engine.upload(request.collection, items, deadline_of(context))
         return gpb.UploadImagesResponse(results=[
-            gpb.UploadResult(status=item_status(r.error), id=r.id if r.error is None else "", created=r.created)
+            gpb.UploadResult(status=item_status(r.error), id=r.id if r.error is None else "", created=r.created,
+                             metadata_updated=r.metadata_updated)
             for r in results
         ])
 
@@ -183,6 +184,12 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         image = await self.engine.get_image(request.collection, request.id, deadline_of(context),
                                             request.url_ttl_seconds)
         return gpb.GetImageResponse(image=image_out(image))
+
+    async def UpdateImage(self, request, context):
+        image = await self.engine.update_image(request.collection, request.id, metadata_in(request.metadata),
+                                               list(request.update_mask.paths), deadline_of(context),
+                                               request.url_ttl_seconds)
+        return gpb.UpdateImageResponse(image=image_out(image))
 
     async def ListImages(self, request, context):
         images, token = await self.engine.list_images(request.collection, request.page_size, request.page_token,

@@ -108,6 +108,7 @@ class UploadResult:
     error: Exception | None = None  # a ClipsearchError, or None when OK
     id: str = ""
     created: bool = False
+    metadata_updated: bool = False  # the bytes were already indexed and the item's metadata changed theirs
 
 
 @dataclass

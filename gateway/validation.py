@@ -142,14 +142,16 @@ def check_filter(conditions: Sequence[Condition], field: str = "filter") -> None
 
 
 def check_metadata(metadata: Metadata, field: str, limits: MetadataLimits | None = None) -> None:
-    """Values must be set; with ``limits``, keys, values and the whole must fit them."""
+    """Values must be set; with ``limits``, keys, values and the whole must fit them. ``field``
+    names the item ("items[3]"), or is empty where the request's own ``metadata`` is meant."""
+    field = f"{field}.metadata" if field else "metadata"
     for key, value in metadata.items():
         if not key:
-            raise InvalidArgument(f"{field}.metadata has an empty key", field=f"{field}.metadata")
+            raise InvalidArgument(f"{field} has an empty key", field=field)
         if value is None:
-            raise InvalidArgument(f"{field}.metadata[{key!r}] has no value set", field=f"{field}.metadata")
+            raise InvalidArgument(f"{field}[{key!r}] has no value set", field=field)
     if limits is not None:
-        check_metadata_limits(metadata, limits, f"{field}.metadata")
+        check_metadata_limits(metadata, limits, field)
 
 
 def check_image_bytes(data: bytes, max_bytes: int, field: str) -> str:

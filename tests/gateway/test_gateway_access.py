@@ -110,6 +110,8 @@ def matrix_calls(world):
         ("BatchSearchImages", gpb.BatchSearchImagesRequest(
             collection="team-a", queries=[gpb.SearchImagesRequest(parts=[gpb.QueryPart(image_id=ids[0])])]),
          "reader"),
+        ("UpdateImage", gpb.UpdateImageRequest(collection="team-a", id=ids[0],
+                                               metadata={"fields": {"k": {"string_value": "v"}}}), "writer"),
     ]
 
 

@@ -40,7 +40,7 @@ SERVICE = "clipsearch.gateway.v1.GatewayService"
 # content-addressed, imports are keyed by source).
 IDEMPOTENT_METHODS = [
     "SearchImages", "BatchSearchImages", "GetImage", "ListImages", "GetImportJob", "GetCollection", "ListCollections",
-    "UploadImages", "ImportImages", "DeleteImage", "RepairCollection", "GetRepairJob",
+    "UploadImages", "ImportImages", "DeleteImage", "UpdateImage", "RepairCollection", "GetRepairJob",
 ]
 # SearchHit fields a search returns when metadata is not wanted (read_mask).
 HIT_FIELDS_WITHOUT_METADATA = ["id", "score", "url"]
@@ -100,6 +100,8 @@ class UploadResult:
     # None when the item succeeded; otherwise the gRPC code name and message.
     error_code: str | None = None
     error: str | None = None
+    # The bytes were already stored and this item's metadata was merged into theirs.
+    metadata_updated: bool = False
 
     @property
     def ok(self) -> bool:
@@ -255,7 +257,7 @@ def _parse_upload(response) -> list[UploadResult]:
     results = []
     for item in response.results:
         if item.status.code == OK:
-            results.append(UploadResult(item.id, item.created))
+            results.append(UploadResult(item.id, item.created, metadata_updated=item.metadata_updated))
         else:
             results.append(UploadResult(item.id, False, code_name(item.status.code), item.status.message))
     return results
@@ -422,6 +424,16 @@ class _ClientBase:
     def get(self, image_id: str, *, collection: str | None = None):
         request = pb.GetImageRequest(collection=self._collection(collection), id=image_id)
         return self._call("GetImage", request, lambda r: _parse_image(r.image))
+
+    def update_metadata(self, image_id: str, metadata: Mapping[str, MetadataScalar] | None = None, *,
+                        replace: bool = False, remove: Sequence[str] = (), collection: str | None = None):
+        """Changes an image's metadata: merges ``metadata`` into it (default), or with ``replace``
+        makes ``metadata`` its whole caller metadata; ``remove`` drops keys. Returns the Image."""
+        metadata = dict(metadata or {})
+        paths = ["metadata"] if replace else [f"metadata.{k}" for k in [*metadata, *remove]] if remove else []
+        request = pb.UpdateImageRequest(collection=self._collection(collection), id=image_id,
+                                        metadata=metadata_to_proto(metadata), update_mask={"paths": paths})
+        return self._call("UpdateImage", request, lambda r: _parse_image(r.image))
 
     def list(self, *, page_size: int = 100, page_token: str = "", collection: str | None = None):
         request = pb.ListImagesRequest(collection=self._collection(collection), page_size=page_size,

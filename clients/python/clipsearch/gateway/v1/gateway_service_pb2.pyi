@@ -170,14 +170,16 @@ class UploadImagesRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., items: _Optional[_Iterable[_Union[UploadItem, _Mapping]]] = ...) -> None: ...
 
 class UploadResult(_message.Message):
-    __slots__ = ("status", "id", "created")
+    __slots__ = ("status", "id", "created", "metadata_updated")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    METADATA_UPDATED_FIELD_NUMBER: _ClassVar[int]
     status: _common_pb2.ItemStatus
     id: str
     created: bool
-    def __init__(self, status: _Optional[_Union[_common_pb2.ItemStatus, _Mapping]] = ..., id: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
+    metadata_updated: bool
+    def __init__(self, status: _Optional[_Union[_common_pb2.ItemStatus, _Mapping]] = ..., id: _Optional[str] = ..., created: _Optional[bool] = ..., metadata_updated: _Optional[bool] = ...) -> None: ...
 
 class UploadImagesResponse(_message.Message):
     __slots__ = ("results",)
@@ -210,6 +212,26 @@ class GetImageRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., id: _Optional[str] = ..., url_ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class GetImageResponse(_message.Message):
+    __slots__ = ("image",)
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    image: Image
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+
+class UpdateImageRequest(_message.Message):
+    __slots__ = ("collection", "id", "metadata", "update_mask", "url_ttl_seconds")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    URL_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    id: str
+    metadata: _common_pb2.Metadata
+    update_mask: _field_mask_pb2.FieldMask
+    url_ttl_seconds: int
+    def __init__(self, collection: _Optional[str] = ..., id: _Optional[str] = ..., metadata: _Optional[_Union[_common_pb2.Metadata, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ..., url_ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class UpdateImageResponse(_message.Message):
     __slots__ = ("image",)
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     image: Image

@@ -67,6 +67,11 @@ class GatewayServiceStub:
                 request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImageRequest.SerializeToString,
                 response_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImageResponse.FromString,
                 _registered_method=True)
+        self.UpdateImage = channel.unary_unary(
+                '/clipsearch.gateway.v1.GatewayService/UpdateImage',
+                request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.UpdateImageRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.UpdateImageResponse.FromString,
+                _registered_method=True)
         self.ListImages = channel.unary_unary(
                 '/clipsearch.gateway.v1.GatewayService/ListImages',
                 request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ListImagesRequest.SerializeToString,
@@ -169,6 +174,17 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateImage(self, request, context):
+        """Changes an image's metadata by a field mask (AIP-134): no paths merge
+        (every given key is set, the others stay), "metadata" replaces the
+        caller's metadata, "metadata.<key>" sets that key or removes it when
+        `metadata` lacks it. "content_type" and "size_bytes" are the gateway's
+        and cannot be changed. Returns the image as updated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListImages(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -267,6 +283,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.GetImage,
                     request_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImageRequest.FromString,
                     response_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImageResponse.SerializeToString,
+            ),
+            'UpdateImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateImage,
+                    request_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.UpdateImageRequest.FromString,
+                    response_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.UpdateImageResponse.SerializeToString,
             ),
             'ListImages': grpc.unary_unary_rpc_method_handler(
                     servicer.ListImages,
@@ -440,6 +461,33 @@ class GatewayService:
             '/clipsearch.gateway.v1.GatewayService/GetImage',
             clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImageRequest.SerializeToString,
             clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.gateway.v1.GatewayService/UpdateImage',
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.UpdateImageRequest.SerializeToString,
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.UpdateImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

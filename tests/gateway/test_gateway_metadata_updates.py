@@ -1,0 +1,61 @@
+"""Metadata after upload: re-uploading the same bytes merges the new metadata
+(reported as metadata_updated), UpdateImage merges or replaces it by a field mask."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipsearch import errors
+from clipsearch.client import Client
+from tests.gateway.conftest import noise_image, sha, start_gateway
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gw-meta")
+
+
+@pytest.fixture(scope="module")
+def gateway(workdir, encoder_service, index_shards):
+    proc = start_gateway(workdir, encoder_service, index_shards, "--storage", str(workdir / "images"),
+                         "--default-collection", "metaupd", name="gateway-meta")
+    yield proc
+    proc.terminate()
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway):
+    with Client(gateway.address) as client:
+        yield client
+
+
+def test_reupload_with_metadata_merges_and_says_so(sdk):
+    data = noise_image(4100)
+    first = sdk.upload([(data, {"album": "pets"})])[0]
+    assert first.created and not first.metadata_updated
+    again = sdk.upload([(data, {"album": "travel", "year": 2024})])[0]
+    assert again.ok and not again.created and again.metadata_updated
+    image = sdk.get(sha(data))
+    assert image.metadata["album"] == "travel" and image.metadata["year"] == 2024
+    assert image.metadata["content_type"] == "image/png"
+    hits = sdk.search(image=data, top_k=3, filter={"album": "travel", "year": {"gte": 2020}})
+    assert [h.id for h in hits][:1] == [sha(data)]
+    same = sdk.upload([(data, {"album": "travel"})])[0]
+    assert same.ok and not same.metadata_updated  # nothing changed
+
+
+def test_update_image_merges_replaces_and_removes_by_field_mask(sdk):
+    data = noise_image(4101)
+    image_id = sdk.upload([(data, {"album": "pets", "rating": 3})])[0].id
+    merged = sdk.update_metadata(image_id, {"rating": 5, "place": "home"})
+    assert {k: merged.metadata[k] for k in ("album", "rating", "place")} == {"album": "pets", "rating": 5,
+                                                                            "place": "home"}
+    removed = sdk.update_metadata(image_id, remove=["place"])
+    assert "place" not in removed.metadata and removed.metadata["album"] == "pets"
+    replaced = sdk.update_metadata(image_id, {"tag": "x"}, replace=True)
+    assert replaced.metadata == {"tag": "x", "content_type": "image/png", "size_bytes": float(len(data))}
+    assert sdk.get(image_id).metadata == replaced.metadata
+    with pytest.raises(errors.InvalidArgument):
+        sdk.update_metadata(image_id, {"content_type": "image/gif"})
+    with pytest.raises(errors.NotFound):
+        sdk.update_metadata("0" * 64, {"a": "b"})
