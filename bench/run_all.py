@@ -13,7 +13,7 @@ in the same run, then one summary table (bench/results/summary.json).
 |    | (bench.index_bench)                            |                                    | >= 0.95 (IVF)      |
 | P3 | encoder throughput, 16 concurrent 1-item calls | one in-process batched model call  | >= 0.85x           |
 | P4 | one text query's encode (bench.encoder_bench)  | the untrimmed 77-token encode      | <= 0.35x           |
-| P5 | 32 text queries in one BatchSearchImages, q/s  | 32 sequential SearchImages, same   | >= 3x              |
+| P10| 32 text queries in one BatchSearchImages, q/s  | 32 sequential SearchImages, same   | >= 3x              |
 |    |                                                | stack (the P1 one)                 |                    |
 | P7 | ingest via the gateway: store, encode, upsert  | the encoder alone, same images     | >= 0.8x            |
 | P8 | index memory per vector, Flat and IVF-PQ       | raw float32 bytes                  | <= 1.1x / <= 100 B |
@@ -85,7 +85,7 @@ RECALL_TARGET = 0.95
 P3_RATIO, P4_RATIO, P7_RATIO = 0.85, 0.35, 0.8
 ONNX_P4_RATIO, ONNX_IMAGES_RATIO, ONNX_P1_RATIO, ONNX_P1_RATE_RATIO = 0.5, 1.3, 0.5, 2.0
 P8_FLAT_RATIO, P8_PQ_BYTES = 1.1, 100.0
-BATCH_QUERIES, BATCH_ROUNDS, P5_RATIO = 32, 3, 3.0
+BATCH_QUERIES, BATCH_ROUNDS, P10_RATIO = 32, 3, 3.0
 
 ADJECTIVES = ["red", "old", "small", "wooden", "shiny", "broken", "giant", "striped", "sleepy", "vintage"]
 NOUNS = ["bicycle", "dog", "lighthouse", "teapot", "sailboat", "guitar", "owl", "tractor", "umbrella", "castle"]
@@ -310,9 +310,9 @@ def run_p1(mode: Mode, model, p2: dict, workdir: Path) -> tuple[list[dict], dict
             value = stats[f"{q}_ms"]
             rows.append(row("P1", f"gateway text search, {label}: {q} ms", value, baseline[f"{q}_ms"],
                             f"<= {target:g} ms", value <= target, note))
-    rows.append(row("P5", f"{BATCH_QUERIES} text queries: q/s, one BatchSearchImages vs {BATCH_QUERIES} sequential "
-                    "SearchImages", batched["batch_qps"], batched["sequential_qps"], f">= {P5_RATIO:g}x",
-                    batched["batch_qps"] >= P5_RATIO * batched["sequential_qps"],
+    rows.append(row("P10", f"{BATCH_QUERIES} text queries: q/s, one BatchSearchImages vs {BATCH_QUERIES} "
+                    "sequential SearchImages", batched["batch_qps"], batched["sequential_qps"], f">= {P10_RATIO:g}x",
+                    batched["batch_qps"] >= P10_RATIO * batched["sequential_qps"],
                     f"same stack; best of {BATCH_ROUNDS} rounds each, fresh texts"))
     return rows, details, (encoder, gateway, children)
 
