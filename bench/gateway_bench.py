@@ -70,7 +70,7 @@ def start_stack(workdir: Path, model: str, pretrained: str, shards: int, *, coll
         gateway = ServiceProcess("gateway", [
             "--encoder", encoder.address, "--index", ",".join(s.address for s in index),
             "--storage", str(workdir / "images"), "--data-dir", str(workdir / "gateway"),
-            "--default-collection", collection, "--page-token-secret", "bench", *quiet,
+            "--default-collection", collection, "--page-token-secret", "bench", "--http-port", "0", *quiet,
         ], workdir, name="bench-gateway").start(120)
         children.append(gateway)
     except BaseException:
@@ -110,6 +110,37 @@ def measure_upload(gw, enc, encoder_batches: list[list[bytes]], gateway_batches:
             encoder_seconds += encoder_batch(to_encoder)
             gateway_seconds += gateway_batch(to_gateway)
     return (sum(map(len, encoder_batches)) / encoder_seconds, sum(map(len, gateway_batches)) / gateway_seconds)
+
+
+def http_vs_grpc(gateway, collection: str, request: gpb.SearchImagesRequest, calls: int) -> dict:
+    """The same SearchImages request ``calls`` times over gRPC and over the HTTP/JSON front
+    (proto3 JSON body, keep-alive connection), interleaved and alternating which goes first;
+    after a warm-up, so the text cache hits on both and the difference is the front itself."""
+    import httpx
+    from google.protobuf import json_format
+
+    url = f"http://{gateway.host}:{gateway.http_port}/v1/collections/{collection}/images:search"
+    body = json_format.MessageToDict(request)
+    with grpc.insecure_channel(gateway.address) as channel, httpx.Client(timeout=60) as client:
+        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+
+        def over_grpc() -> int:
+            return len(stub.SearchImages(request, timeout=60).hits)
+
+        def over_http() -> int:
+            response = client.post(url, json=body)
+            response.raise_for_status()
+            return len(response.json()["hits"])
+
+        for _ in range(5):
+            assert over_grpc() == over_http() > 0
+        samples: dict[str, list[float]] = {"grpc": [], "http": []}
+        for i in range(calls):
+            for name, fn in ((("grpc", over_grpc), ("http", over_http))[::1 if i % 2 else -1]):
+                started = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - started)
+    return {name: summarize_ms(values) for name, values in samples.items()} | {"calls": calls}
 
 
 def measure(fn, texts: list[str]) -> dict[str, float]:
