@@ -17,7 +17,7 @@ in the same run, then one summary table (bench/results/summary.json).
 |    |                                                | stack (the P1 one)                 |                    |
 | P7 | ingest via the gateway: store, encode, upsert  | the encoder alone, same images     | >= 0.8x            |
 | P8 | index memory per vector, Flat and IVF-PQ       | raw float32 bytes                  | <= 1.1x / <= 100 B |
-| P6 | text search p50 over the HTTP/JSON front       | the same request over gRPC, same   | <= +2 ms           |
+| P11| text search p50 over the HTTP/JSON front       | the same request over gRPC, same   | <= +2 ms           |
 |    | (same query, text cache warm, P1 stack)        | stack, interleaved                 |                    |
 | -- | scaling: index size, build time, query p50    | --                                 | --                 |
 
@@ -416,9 +416,9 @@ def run_p7(mode: Mode, stack) -> tuple[list[dict], dict]:
     return rows, details
 
 
-# ---------------------------------------------------------------- P6
+# ---------------------------------------------------------------- P11
 
-def run_p6(mode: Mode, stack, nprobe: int) -> tuple[list[dict], dict]:
+def run_p11(mode: Mode, stack, nprobe: int) -> tuple[list[dict], dict]:
     """One SearchImages request (text, top_k 10, hits with metadata) over HTTP/JSON and over
     gRPC on the P1 stack's gateway, interleaved."""
     from clipsearch.gateway.v1 import gateway_service_pb2 as gpb
@@ -428,7 +428,7 @@ def run_p6(mode: Mode, stack, nprobe: int) -> tuple[list[dict], dict]:
                                       params={"nprobe": nprobe})
     figures = gateway_bench.http_vs_grpc(gateway, "ivf", request, max(mode.p1_queries, 20))
     ours, base = figures["http"]["p50_ms"], figures["grpc"]["p50_ms"]
-    rows = [row("P6", "text search p50 ms: HTTP/JSON vs gRPC, same request", ours, base,
+    rows = [row("P11", "text search p50 ms: HTTP/JSON vs gRPC, same request", ours, base,
                 f"<= +{HTTP_OVERHEAD_MS:g} ms", ours - base <= HTTP_OVERHEAD_MS,
                 f"{figures['calls']} calls each, interleaved; text cache warm; overhead {ours - base:+.2f} ms")]
     return rows, figures
@@ -611,10 +611,10 @@ def main(argv: list[str] | None = None) -> dict:
                 print_rows("P1: end-to-end text search vs in-process open_clip + FAISS", rows["P1"])
                 try:
                     p7 = section("P7", lambda: run_p7(mode, stack))
-                    p6 = section("P6", lambda: run_p6(mode, stack, int(p2_results["ivf"]["nprobe"])))
-                    if p6:
-                        rows["P6"], sections["P6"] = p6
-                        print_rows("P6: HTTP/JSON front vs gRPC, same request", rows["P6"])
+                    p11 = section("P11", lambda: run_p11(mode, stack, int(p2_results["ivf"]["nprobe"])))
+                    if p11:
+                        rows["P11"], sections["P11"] = p11
+                        print_rows("P11: HTTP/JSON front vs gRPC, same request", rows["P11"])
                     onnx_figures = section("P1 onnx encoder", lambda: gateway_figures(
                         stack[1].address, int(p2_results["ivf"]["nprobe"]), "rt-onnx", mode.p1_queries // 2,
                         mode.p1_concurrent_queries // 2, mode.p1_clients))
@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    ordered = [r for key in ("P1", "P2", "P3/P4", "P6", "P7", "P8", "P9") for r in rows.get(key, [])]
+    ordered = [r for key in ("P1", "P2", "P3/P4", "P7", "P8", "P9", "P11") for r in rows.get(key, [])]
     if "scaling" in sections:
         print_table(f"Scaling: synthetic {dim}-d vectors, one query per search on 1 FAISS thread "
                     "(IVF at the nprobe reaching recall@10 >= 0.95)",
@@ -671,7 +671,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"mode": mode.name, "config": asdict(mode), "wall_s": time.perf_counter() - started,
                "section_seconds": timings, "load_average_start": load_start, "load_average_end": os.getloadavg(), "rows": ordered,
                "scaling": sections.get("scaling", []), "errors": errors,
-               "details": {k: v for k, v in sections.items() if k in ("P1", "P6", "P7", "P8")}}
+               "details": {k: v for k, v in sections.items() if k in ("P1", "P7", "P8", "P11")}}
     write_results("summary", summary, out)
     shutil.copyfile(out / "summary.json", out / f"summary-{mode.name}.json")
     print(f"\n{len(ordered)} rows in {summary['wall_s']:.0f}s; targets met: {sum(r['met'] for r in ordered)}"

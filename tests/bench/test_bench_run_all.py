@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-ROW_IDS = {"P1", "P2", "P3", "P4", "P6", "P7", "P8", "P10"}
+ROW_IDS = {"P1", "P2", "P3", "P4", "P7", "P8", "P10", "P11"}
 
 
 def finite(value) -> bool:
@@ -36,7 +36,7 @@ def test_run_all_tiny_reports_every_row_with_baseline_and_ratio(tmp_path):
     assert set(summary["details"]["P1"]["runtimes"]) == {"onnx", "torch"}
     assert sum(r["id"] == "P2" for r in rows) == 3  # Flat, IVF, IVF recall
     assert sum(r["id"] == "P8" for r in rows) == 2  # Flat, IVF-PQ
-    assert sum(r["id"] == "P6" for r in rows) == 1  # HTTP/JSON vs gRPC search p50, same request
+    assert sum(r["id"] == "P11" for r in rows) == 1  # HTTP/JSON vs gRPC search p50, same request
     assert sum(r["id"] == "P10" for r in rows) == 1  # one BatchSearchImages vs sequential SearchImages
     assert summary["details"]["P1"]["batch_search"]["queries"] == 32
 
