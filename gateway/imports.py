@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
-from clipsearch.errors import ClipsearchError, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from clipsearch.errors import ClipsearchError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from clipsearch.image_formats import is_image_file_name
 from clipsearch.s3 import is_missing_error, make_s3_client
 
@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 JOB_ID_PATTERN = r"imp-[0-9a-f]{24}"
 
 
-def job_id_for(collection: str, source: str) -> str:
-    return "imp-" + hashlib.sha256(f"{collection}\n{source}".encode()).hexdigest()[:24]
+def job_id_for(collection: str, source: str, collection_uid: str = "") -> str:
+    """The same source into the same collection is the same job; a collection created again
+    (a new uid) gets a new job, which starts from nothing."""
+    return "imp-" + hashlib.sha256(f"{collection}\n{source}\n{collection_uid}".encode()).hexdigest()[:24]
 
 
 @dataclass
@@ -198,9 +200,9 @@ class ImportJobs:
         collection = self.collections.resolve(collection)
         source = self._source(source_uri)
         await source.check()
-        await self.collections.describe(collection, Deadline.after(self.settings.index_timeout_seconds))
+        info = await self.collections.get(collection, Deadline.after(self.settings.index_timeout_seconds))
         check_metadata(metadata, "request")
-        job_id = job_id_for(collection, source.uri)
+        job_id = job_id_for(collection, source.uri, info.uid)
         saved = self.store.find(job_id)
         if saved is not None and saved.running:
             return dataclasses.replace(saved.job)
@@ -210,6 +212,7 @@ class ImportJobs:
             created = saved.job.create_time if saved is not None else now
             saved = Saved(ImportJob(job_id=job_id, collection=collection, source=source.uri, create_time=created))
         saved.extra["metadata"] = metadata_to_json(metadata)
+        saved.extra["collection_uid"] = info.uid
         self.store.launch(saved, lambda s: self._run(s, source))
         return dataclasses.replace(saved.job)
 
@@ -224,6 +227,7 @@ class ImportJobs:
         started = time.monotonic()
         done_at_start = job.processed
         try:
+            await self._check_identity(saved)
             batch: list[SourceFile] = []
             async for files in source.list_after(saved.cursor):
                 for f in files:
@@ -241,6 +245,17 @@ class ImportJobs:
                      job.skipped, job.failed)
         finally:
             metrics.IMPORT_JOBS_RUNNING.dec()
+
+    async def _check_identity(self, saved: Saved[ImportJob]) -> None:
+        """A job resumed after its collection was deleted and created again must not treat the new
+        collection as holding what the old one did: it fails, and ImportImages starts a new job."""
+        expected = saved.extra.get("collection_uid")
+        if expected is None:
+            return
+        info = await self.collections.get(saved.job.collection, Deadline.after(self.settings.index_timeout_seconds))
+        if info.uid != expected:
+            raise FailedPrecondition(f"collection {saved.job.collection!r} was created again since this import "
+                                     "started; call ImportImages again to import into it", reason="COLLECTION_RECREATED")
 
     async def _throttle(self, done: int, started: float) -> None:
         rate = self.settings.import_max_images_per_second

@@ -122,7 +122,7 @@ def collection_out(c: types.CollectionInfo) -> ipb.Collection:
         name=c.name, dim=c.dim, metric=METRICS.get(c.metric, ipb.METRIC_UNSPECIFIED), index_spec=c.index_spec,
         num_shards=c.num_shards, model_fingerprint=c.model_fingerprint, vector_count=c.vector_count,
         trained=c.trained, memory_bytes=c.memory_bytes, snapshot_age_seconds=c.snapshot_age_seconds,
-        sequence=c.sequence,
+        sequence=c.sequence, uid=c.uid,
     )
 
 

@@ -98,6 +98,7 @@ def collection_from_proto(c: ipb.Collection) -> CollectionInfo:
         name=c.name, dim=c.dim, metric=METRICS.get(c.metric, "ip"), index_spec=c.index_spec, num_shards=c.num_shards,
         model_fingerprint=c.model_fingerprint, vector_count=c.vector_count, trained=c.trained,
         memory_bytes=c.memory_bytes, snapshot_age_seconds=c.snapshot_age_seconds, sequence=c.sequence,
+        uid=c.uid,
     )
 
 
@@ -111,7 +112,7 @@ def merge_collections(parts: Sequence[CollectionInfo]) -> CollectionInfo:
         vector_count=sum(p.vector_count for p in parts), trained=all(p.trained for p in parts),
         memory_bytes=sum(p.memory_bytes for p in parts),
         snapshot_age_seconds=max(ages) if all(a >= 0 for a in ages) else -1.0,
-        sequence=max(p.sequence for p in parts),
+        sequence=max(p.sequence for p in parts), uid="-".join(p.uid for p in parts),
     )
 
 

@@ -133,6 +133,7 @@ class CollectionInfo:
     memory_bytes: int = 0
     snapshot_age_seconds: float = -1.0
     sequence: int = 0
+    uid: str = ""  # identity: new when the collection is created again (its shards' uids, in shard order)
 
 
 @dataclass

@@ -85,6 +85,7 @@ class CollectionInfo:
     memory_bytes: int
     snapshot_age_seconds: float  # -1 when there is no snapshot
     sequence: int  # store sequence of the collection's last write
+    uid: str = ""  # the store's uid of the collection: new each time it is created
 
 
 @dataclasses.dataclass
@@ -322,6 +323,7 @@ class IndexEngine:
             num_shards=record.num_shards, model_fingerprint=record.model_fingerprint,
             vector_count=collection.count, trained=collection.trained, memory_bytes=collection.memory_bytes(),
             snapshot_age_seconds=collection.snapshot_age(), sequence=collection.applied_sequence,
+            uid=str(record.uid),
         )
 
     def _export_metrics(self, collection: Collection) -> None:

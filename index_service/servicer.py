@@ -28,7 +28,7 @@ def collection_to_proto(info: CollectionInfo) -> pb.Collection:
         name=info.name, dim=info.dim, metric=METRIC_ENUMS[info.metric], index_spec=info.index_spec,
         num_shards=info.num_shards, model_fingerprint=info.model_fingerprint, vector_count=info.vector_count,
         trained=info.trained, memory_bytes=info.memory_bytes, snapshot_age_seconds=info.snapshot_age_seconds,
-        sequence=info.sequence,
+        sequence=info.sequence, uid=info.uid,
     )
 
 

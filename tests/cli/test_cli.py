@@ -109,7 +109,9 @@ def test_an_interrupted_import_resumes_without_duplicates(stack, monkeypatch):
         env=stack["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     monkeypatch.setenv("CLIPSEARCH_STATE_DIR", stack["env"]["CLIPSEARCH_STATE_DIR"])
-    checkpoint = import_checkpoint_path(stack["info"]["target"], folder, "")
+    with Client(stack["info"]["target"], api_key=API_KEY) as client:
+        uid = client.get_collection().uid
+    checkpoint = import_checkpoint_path(stack["info"]["target"], folder, "", uid)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if checkpoint.exists() and len(checkpoint.read_text().splitlines()) >= 8:
@@ -128,6 +130,23 @@ def test_an_interrupted_import_resumes_without_duplicates(stack, monkeypatch):
         stored = [image.id for image in client.iter_images(page_size=7)]
     assert len(stored) == len(set(stored)), "an image was stored twice"
     assert {sha(p) for p in paths} <= set(stored)
+
+
+def test_a_recreated_collection_imports_the_same_folder_again(stack, tmp_path):
+    folder = tmp_path / "again"
+    write_images(folder, 5, seed=7)
+    cli(stack, "collections", "create", "recreated")
+    first = json.loads(cli(stack, "import", str(folder), "--collection", "recreated", "--json", "--quiet").stdout)
+    assert first["imported"] == 5
+    with Client(stack["info"]["target"], api_key=API_KEY) as client:
+        uid = client.get_collection("recreated").uid
+    cli(stack, "collections", "delete", "recreated")
+    cli(stack, "collections", "create", "recreated")
+    again = json.loads(cli(stack, "import", str(folder), "--collection", "recreated", "--json", "--quiet").stdout)
+    assert again["already_done"] == 0 and again["imported"] == 5
+    with Client(stack["info"]["target"], api_key=API_KEY) as client:
+        collection = client.get_collection("recreated")
+    assert collection.vector_count == 5 and collection.uid and collection.uid != uid
 
 
 def test_sdk_sync_and_async_with_typed_errors(stack):

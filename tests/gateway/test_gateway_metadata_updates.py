@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from clipsearch import errors
@@ -18,7 +20,8 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gateway(workdir, encoder_service, index_shards):
     proc = start_gateway(workdir, encoder_service, index_shards, "--storage", str(workdir / "images"),
-                         "--default-collection", "metaupd", name="gateway-meta")
+                         "--default-collection", "metaupd", "--import-sources", str(workdir / "sources"),
+                         name="gateway-meta")
     yield proc
     proc.terminate()
 
@@ -59,3 +62,29 @@ def test_update_image_merges_replaces_and_removes_by_field_mask(sdk):
         sdk.update_metadata(image_id, {"content_type": "image/gif"})
     with pytest.raises(errors.NotFound):
         sdk.update_metadata("0" * 64, {"a": "b"})
+
+
+def test_import_into_a_recreated_collection_starts_fresh(sdk, workdir):
+    folder = workdir / "sources" / "photos"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(noise_image(4200 + i))
+
+    def run_import():
+        job = sdk.import_images(str(folder), collection="reimp")
+        deadline = time.monotonic() + 60
+        while not job.done and time.monotonic() < deadline:
+            time.sleep(0.1)
+            job = sdk.get_import_job(job.job_id)
+        return job
+
+    sdk.create_collection("reimp")
+    first = run_import()
+    assert first.imported == 3
+    uid = sdk.get_collection("reimp").uid
+    sdk.delete_collection("reimp")
+    sdk.create_collection("reimp")
+    assert sdk.get_collection("reimp").uid not in ("", uid)
+    again = run_import()
+    assert again.job_id != first.job_id and again.imported == 3 and again.skipped == 0
+    assert sdk.get_collection("reimp").vector_count == 3

@@ -112,10 +112,12 @@ def list_image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file_name(p.name))
 
 
-def import_checkpoint_path(target: str, folder: Path, collection: str) -> Path:
+def import_checkpoint_path(target: str, folder: Path, collection: str, collection_uid: str = "") -> Path:
+    """The checkpoint of one folder's import into one collection; keyed by the collection's uid
+    too, so a collection deleted and created again starts from nothing."""
     from clipsearch.stack import state_dir
 
-    key = hashlib.sha256(f"{target}|{folder.resolve()}|{collection}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{target}|{folder.resolve()}|{collection}|{collection_uid}".encode()).hexdigest()[:20]
     return state_dir() / "imports" / f"{key}.done"
 
 
@@ -130,7 +132,8 @@ def import_folder(client: Client, folder: Path, *, batch_size: int = 16, metadat
     from tqdm import tqdm
 
     files = list_image_files(folder)
-    checkpoint = import_checkpoint_path(client.target, folder, client.collection)
+    uid = client.get_collection(client.collection).uid
+    checkpoint = import_checkpoint_path(client.target, folder, client.collection, uid)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     done = set(checkpoint.read_text().splitlines()) if checkpoint.exists() else set()
     pending = [p for p in files if str(p.relative_to(folder)) not in done]

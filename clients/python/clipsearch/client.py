@@ -173,6 +173,7 @@ class Collection:
     trained: bool
     memory_bytes: int
     snapshot_age_seconds: float
+    uid: str = ""  # identity: new when the collection is deleted and created again
 
 
 @dataclasses.dataclass
@@ -295,7 +296,7 @@ def _parse_collection(c) -> Collection:
         name=c.name, dim=c.dim, metric=index_service_pb2.Metric.Name(c.metric).removeprefix("METRIC_"),
         index_spec=c.index_spec, num_shards=c.num_shards, model_fingerprint=c.model_fingerprint,
         vector_count=c.vector_count, trained=c.trained, memory_bytes=c.memory_bytes,
-        snapshot_age_seconds=c.snapshot_age_seconds,
+        snapshot_age_seconds=c.snapshot_age_seconds, uid=c.uid,
     )
 
 

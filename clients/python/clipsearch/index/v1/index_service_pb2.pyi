@@ -18,7 +18,7 @@ METRIC_INNER_PRODUCT: Metric
 METRIC_L2: Metric
 
 class Collection(_message.Message):
-    __slots__ = ("name", "dim", "metric", "index_spec", "num_shards", "model_fingerprint", "vector_count", "trained", "memory_bytes", "snapshot_age_seconds", "sequence")
+    __slots__ = ("name", "dim", "metric", "index_spec", "num_shards", "model_fingerprint", "vector_count", "trained", "memory_bytes", "snapshot_age_seconds", "sequence", "uid")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class Collection(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     metric: Metric
@@ -41,7 +42,8 @@ class Collection(_message.Message):
     memory_bytes: int
     snapshot_age_seconds: float
     sequence: int
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_spec: _Optional[str] = ..., num_shards: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., vector_count: _Optional[int] = ..., trained: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., sequence: _Optional[int] = ...) -> None: ...
+    uid: str
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_spec: _Optional[str] = ..., num_shards: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., vector_count: _Optional[int] = ..., trained: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., sequence: _Optional[int] = ..., uid: _Optional[str] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("name", "dim", "metric", "index_spec", "num_shards", "model_fingerprint")
