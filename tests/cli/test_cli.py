@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,8 @@ def stack(tmp_path_factory):
     keys_file.write_text(keys_file_text([key_entry("cli-test", API_KEY, ["admin"])]))
     up = subprocess.Popen(
         [sys.executable, "-m", "clipsearch.cli", "up", "--model", "clipsearch-tiny", "--pretrained", "none",
-         "--shards", "2", "--data-dir", str(root / "data"), "--port", "0", "--api-keys-file", str(keys_file)],
+         "--shards", "2", "--data-dir", str(root / "data"), "--port", "0", "--http-port", "0",
+         "--api-keys-file", str(keys_file)],
         stdout=open(root / "up.log", "wb"), stderr=subprocess.STDOUT, env=env,
     )
     stack_file = root / "state" / "stack.json"
@@ -239,6 +241,7 @@ def test_up_and_demo_keep_their_own_defaults():
     assert (up.port, up.data_dir) == (50050, "")  # "" = the documented <state dir>/data
     assert (demo.port, demo.data_dir) == (0, "./data/demo")
     assert parser.parse_args(["up", "--port", "0"]).port == 0
+    assert (up.http_port, demo.http_port) == (8080, -1)  # up serves the web page by default
 
 
 def test_up_passes_clipsearch_settings_through_and_shows_metrics(stack, monkeypatch, tmp_path):
@@ -256,3 +259,7 @@ def test_up_passes_clipsearch_settings_through_and_shows_metrics(stack, monkeypa
         assert service["metrics"].startswith("http://127.0.0.1:") and service["metrics"].endswith("/metrics")
     printed = (stack["root"] / "up.log").read_text()
     assert printed.count("metrics http://") == len(stack["info"]["services"])
+    page = stack["info"]["services"]["gateway"]["web"]
+    assert f"web page and HTTP/JSON API at {page}" in printed
+    with urllib.request.urlopen(page, timeout=10) as response:
+        assert b"clipsearch" in response.read()
