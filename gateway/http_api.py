@@ -38,6 +38,8 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -168,11 +170,15 @@ def _query_dict(message: Message, query: list[tuple[str, str]]) -> dict:
     return out
 
 
-async def _read_form(request: Request, message: Message, max_files: int) -> None:
+async def _read_form(request: Request, message: Message, max_files: int, max_bytes: int) -> None:
     """A multipart body: an optional ``request`` part (JSON), then files named after a
     repeated message field, filling its elements in order."""
     filled: dict[str, int] = {}
-    async with request.form(max_files=max_files, max_fields=100) as form:
+    try:
+        form = await request.form(max_files=max_files, max_fields=100, max_part_size=max_bytes)
+    except HTTPException as exc:  # starlette's multipart limits and malformed bodies
+        raise InvalidArgument(f"the multipart body could not be read: {exc.detail}") from None
+    try:
         for name, value in form.multi_items():
             if name == "request":
                 text = await value.read() if isinstance(value, UploadFile) else value
@@ -196,14 +202,16 @@ async def _read_form(request: Request, message: Message, max_files: int) -> None
             setattr(element, data_field, await value.read())
             if value.filename and "filename" in field.message_type.fields_by_name and not element.filename:
                 element.filename = value.filename[:1024]
+    finally:
+        await form.close()
 
 
-async def read_request(route: HttpRoute, request: Request, max_files: int) -> Message:
+async def read_request(route: HttpRoute, request: Request, max_files: int, max_bytes: int) -> Message:
     message = route.request_class()
     if route.body:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            await _read_form(request, message, max_files)
+            await _read_form(request, message, max_files, max_bytes)
         else:
             _parse_json(await request.body(), message, "the body")
     else:
@@ -260,7 +268,7 @@ class HttpApi:
                   Route(CONTENT_ROUTE, self.image_content, methods=["GET"])]
         routes += [Route(r.path, self.endpoint(r), methods=[r.verb], name=r.method) for r in self.routes]
         routes.append(Mount("/web", StaticFiles(directory=WEB_DIR), name="web"))
-        return Starlette(routes=routes)
+        return Starlette(routes=routes, middleware=[Middleware(BodyLimit, max_bytes=self.max_body)])
 
     async def page(self, request: Request) -> Response:
         return FileResponse(WEB_DIR / "index.html", headers={"cache-control": "no-cache"})
@@ -269,6 +277,11 @@ class HttpApi:
         from gateway.openapi import openapi_document
 
         return JSONResponse(openapi_document(self.routes, CONTENT_ROUTE))
+
+    async def _authorized(self, request: Request, method: str, message: Message, call: Callable[[], Any]) -> Any:
+        """``call()`` as the caller of ``Authorization: Bearer``, under ``method``'s access rule."""
+        return await authorized(self.keys, self.settings.default_collection, method, message,
+                                bearer_secret(request.headers.get("authorization")), call)
 
     async def _serve(self, request: Request, name: str, work: Callable[[str], Any]) -> Response:
         """Request id, body limit, errors as google.rpc.Status, metrics: around every API call."""
@@ -307,11 +320,9 @@ class HttpApi:
             return await self._serve(incoming, route.method, lambda _: work_for(incoming))
 
         async def work_for(incoming: Request) -> Response:
-            message = await read_request(route, incoming, self.settings.max_upload_items)
+            message = await read_request(route, incoming, self.settings.max_upload_items, self.max_body)
             context = HttpCallContext(_timeout(incoming))
-            response = await authorized(self.keys, self.settings.default_collection, route.method, message,
-                                        bearer_secret(incoming.headers.get("authorization")),
-                                        lambda: call(message, context))
+            response = await self._authorized(incoming, route.method, message, lambda: call(message, context))
             holders = _image_holders(response)
             if holders:
                 collection = message.collection or self.settings.default_collection
@@ -326,15 +337,38 @@ class HttpApi:
         async def work(_: str) -> Response:
             message = gpb.GetImageRequest(collection=request.path_params["collection"], id=request.path_params["id"])
             deadline = Deadline(_timeout(request))
-            data, content_type = await authorized(
-                self.keys, self.settings.default_collection, "GetImage", message,
-                bearer_secret(request.headers.get("authorization")),
-                lambda: self.engine.read_image(message.collection, message.id, deadline))
+            data, content_type = await self._authorized(
+                request, "GetImage", message, lambda: self.engine.read_image(message.collection, message.id, deadline))
             # The id is the sha256 of the bytes: the content never changes.
             return Response(data, media_type=content_type, headers={
                 "cache-control": "private, max-age=86400, immutable", "etag": f'"{message.id}"'})
 
         return await self._serve(request, "GetImageContent", work)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body past ``max_bytes`` (chunked ones included) stops being
+    read with RESOURCE_EXHAUSTED, which the API call answers as 429."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise ResourceExhausted(f"the request body passed {self.max_bytes} bytes (max_message_mb)")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 class _Server(uvicorn.Server):

@@ -148,6 +148,11 @@ def test_errors_are_http_statuses_with_google_rpc_status_bodies(http):
     violation = next(d for d in body["details"] if d["@type"].endswith("google.rpc.BadRequest"))
     assert violation["fieldViolations"][0]["field"] == "diversity"
     assert http.get(IMAGES, params={"nope": 1}, headers=auth("reader")).status_code == 400
+    broken = http.post(f"{IMAGES}:upload", headers={**auth("writer"), "content-type": "multipart/form-data"},
+                       content=b"--x\r\nnot a part")
+    assert broken.status_code == 400 and status_of(broken)["code"] == 3
+    stray = http.post(f"{IMAGES}:upload", headers=auth("writer"), files=[("nope", ("a.png", b"x", "image/png"))])
+    assert stray.status_code == 400 and "nope" in status_of(stray)["message"]
     assert http.get(IMAGES, headers={**auth("reader"), "x-request-timeout": "-1"}).status_code == 400
     assert http.get(f"{IMAGES}/{'0' * 64}", headers={**auth("reader"), "x-request-id": "rid-1"}).headers[
         "x-request-id"] == "rid-1"
@@ -164,3 +169,24 @@ def test_openapi_document_and_page(http):
     page = http.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert http.get("/web/app.js").status_code == 200
+
+
+def test_body_limit_stops_a_chunked_body_past_the_limit():
+    import asyncio
+
+    from clipsearch.errors import ResourceExhausted
+    from gateway.http_api import BodyLimit
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+
+    chunks = [{"type": "http.request", "body": b"x" * 6, "more_body": i < 2} for i in range(3)]
+
+    async def receive():
+        return chunks.pop(0)
+
+    asyncio.run(BodyLimit(app, 20)({"type": "http"}, receive, None))  # 18 bytes: fine
+    chunks[:] = [{"type": "http.request", "body": b"x" * 6, "more_body": True} for _ in range(4)]
+    with pytest.raises(ResourceExhausted):
+        asyncio.run(BodyLimit(app, 20)({"type": "http"}, receive, None))
