@@ -55,6 +55,7 @@ from gateway import metrics
 from gateway.access import KeyRing, authorized, bearer_secret
 from gateway.deadline import Deadline
 from gateway.engine import Gateway
+from gateway.openapi import openapi_document
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -274,8 +275,6 @@ class HttpApi:
         return FileResponse(WEB_DIR / "index.html", headers={"cache-control": "no-cache"})
 
     async def openapi(self, request: Request) -> Response:
-        from gateway.openapi import openapi_document
-
         return JSONResponse(openapi_document(self.routes, CONTENT_ROUTE))
 
     async def _authorized(self, request: Request, method: str, message: Message, call: Callable[[], Any]) -> Any:
