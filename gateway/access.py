@@ -261,6 +261,8 @@ RULES: dict[str, Rule] = {
     "UpdateImage": Rule(WRITE, audit=True),
     "ImportImages": Rule(WRITE, audit=True),
     "GetImportJob": Rule(None),  # read on the job's collection
+    "ListImportJobs": Rule(None),  # lists only the jobs of collections the key may read
+    "CancelImportJob": Rule(None),  # write on the job's collection
     "RepairCollection": Rule(ADMIN, audit=True),
     "GetRepairJob": Rule(None),  # read on the job's collection
     "CreateCollection": Rule(ADMIN, "name", audit=True),

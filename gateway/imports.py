@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from clipsearch.errors import ClipsearchError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from clipsearch.image_formats import is_image_file_name
@@ -36,7 +36,7 @@ from gateway.ingest import Ingestor
 from gateway.jobs import JobStore, Saved, metadata_from_json, metadata_to_json, record_error
 from gateway.settings import GatewaySettings
 from gateway.types import JOB_SUCCEEDED, ImportJob, Metadata, UploadItem
-from gateway.validation import check_metadata
+from gateway.validation import DEFAULT_LIST_PAGE_SIZE, MAX_PAGE_SIZE, check_metadata, clamp_page_size
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,18 @@ class ImportJobs:
 
     def get(self, job_id: str) -> ImportJob:
         return self.store.get(job_id)
+
+    def list(self, collection: str, page_size: int, page_token: str,
+             visible: Callable[[str], bool]) -> tuple[list[ImportJob], str]:
+        """The jobs of ``collection`` (every ``visible`` one when empty), a page at a time by job id."""
+        size = clamp_page_size(page_size, DEFAULT_LIST_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = self.store.check_id(page_token) if page_token else ""
+        name = self.collections.resolve(collection) if collection else ""
+        jobs = [j for j in self.store.listed(after) if (j.collection == name if name else visible(j.collection))]
+        return jobs[:size], jobs[size - 1].job_id if len(jobs) > size else ""
+
+    async def cancel(self, job_id: str) -> ImportJob:
+        return await self.store.cancel(job_id)
 
     async def _run(self, saved: Saved[ImportJob], source: Source) -> None:
         metrics.IMPORT_JOBS_RUNNING.inc()

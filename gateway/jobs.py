@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 from clipsearch.errors import ClipsearchError, InvalidArgument, NotFound
 
-from gateway.types import JOB_FAILED, JOB_RUNNING, JobError, Metadata
+from gateway.types import JOB_CANCELLED, JOB_FAILED, JOB_RUNNING, JobError, Metadata
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,30 @@ class JobStore(Generic[J]):
             self.save(saved)
 
         saved.task = asyncio.get_running_loop().create_task(guarded(), name=saved.job.job_id)
+
+    def listed(self, after: str = "") -> list[J]:
+        """Every job saved here with an id after ``after``, in id order (copies)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        found = []
+        for path in sorted(self.folder.glob("*.json")):
+            if path.stem > after and re.fullmatch(self.id_pattern, path.stem):
+                saved = self.jobs.get(path.stem) or self._load(path)
+                if saved is not None:
+                    found.append(dataclasses.replace(saved.job))
+        return found
+
+    async def cancel(self, job_id: str) -> J:
+        """Stops the job if it runs; it keeps its cursor and ends CANCELLED."""
+        saved = self.find(self.check_id(job_id))
+        if saved is None:
+            raise NotFound(f"job {job_id} does not exist", field="job_id")
+        if saved.running:
+            saved.task.cancel()
+            await asyncio.gather(saved.task, return_exceptions=True)
+        if saved.job.state == JOB_RUNNING:
+            saved.job.state = JOB_CANCELLED
+            self.save(saved)
+        return dataclasses.replace(saved.job)
 
     def fail(self, saved: Saved[J], error: ClipsearchError) -> None:
         log.warning("job %s failed: %s", saved.job.job_id, error)

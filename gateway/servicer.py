@@ -12,7 +12,7 @@ from clipsearch.gateway.v1 import gateway_service_pb2 as gpb
 from clipsearch.gateway.v1 import gateway_service_pb2_grpc
 from clipsearch.index.v1 import index_service_pb2 as ipb
 from clipsearch.item_status import item_status
-from clipsearch.keys import READ
+from clipsearch.keys import READ, WRITE
 from clipsearch.errors import error_for_code
 from clipsearch.metadata import metadata_to_proto, value_from_proto
 
@@ -26,7 +26,7 @@ AGGREGATIONS = {gpb.AGGREGATION_UNSPECIFIED: types.AGGREGATION_MEAN, gpb.AGGREGA
                 gpb.AGGREGATION_MAX: types.AGGREGATION_MAX}
 METRICS = {"ip": ipb.METRIC_INNER_PRODUCT, "l2": ipb.METRIC_L2}
 IMPORT_STATES = {types.JOB_RUNNING: gpb.IMPORT_STATE_RUNNING, types.JOB_SUCCEEDED: gpb.IMPORT_STATE_SUCCEEDED,
-                 types.JOB_FAILED: gpb.IMPORT_STATE_FAILED}
+                 types.JOB_FAILED: gpb.IMPORT_STATE_FAILED, types.JOB_CANCELLED: gpb.IMPORT_STATE_CANCELLED}
 REPAIR_STATES = {types.JOB_RUNNING: gpb.REPAIR_STATE_RUNNING, types.JOB_SUCCEEDED: gpb.REPAIR_STATE_SUCCEEDED,
                  types.JOB_FAILED: gpb.REPAIR_STATE_FAILED}
 RANGE_BOUNDS = ("gte", "gt", "lte", "lt")
@@ -209,6 +209,17 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         job = self.imports.get(request.job_id)
         access.caller().require(READ, job.collection)
         return gpb.GetImportJobResponse(job=import_job_out(job))
+
+    async def ListImportJobs(self, request, context):
+        jobs, token = self.imports.list(request.collection, request.page_size, request.page_token,
+                                        access.caller().can_read)
+        if request.collection:
+            access.caller().require(READ, self.engine.collections.resolve(request.collection))
+        return gpb.ListImportJobsResponse(jobs=[import_job_out(j) for j in jobs], next_page_token=token)
+
+    async def CancelImportJob(self, request, context):
+        access.caller().require(WRITE, self.imports.get(request.job_id).collection)
+        return gpb.CancelImportJobResponse(job=import_job_out(await self.imports.cancel(request.job_id)))
 
     async def RepairCollection(self, request, context):
         job = await self.repairs.repair(request.collection, request.dry_run)

@@ -20,6 +20,7 @@ AGGREGATION_MAX = "max"
 JOB_RUNNING = "running"
 JOB_SUCCEEDED = "succeeded"
 JOB_FAILED = "failed"
+JOB_CANCELLED = "cancelled"
 
 HIT_FIELDS = frozenset({"id", "score", "url", "metadata"})
 

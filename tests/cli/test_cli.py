@@ -207,6 +207,89 @@ def test_batch_search_through_the_cli_and_both_sdks(stack, tmp_path):
     assert failed.returncode == 1 and "NOT_FOUND" in failed.stdout and "rank" in failed.stdout
 
 
+def test_cli_parity_sidecar_metadata_date_and_range_filters_aggregation_weights_nprobe(stack, tmp_path):
+    folder = tmp_path / "dated"
+    paths = write_images(folder, 3, seed=31)
+    (tmp_path / "meta.csv").write_text("filename,date,year,album\nimg-000.png,2019-06-01,2019,old\n"
+                                       "img-001.png,2021-03-04,2021,new\nimg-002.png,2023-01-01,2023,new\n")
+    counts = json.loads(cli(stack, "import", str(folder), "--metadata", str(tmp_path / "meta.csv"), "--json",
+                            "--quiet").stdout)
+    assert counts["failed"] == 0
+
+    def found(*args):
+        return [h["id"] for h in json.loads(cli(stack, "search", "a photo", "--json", "--top-k", "50",
+                                                 *args).stdout)["hits"]]
+
+    assert set(found("--filter", "date>=2020-01-01")) == {sha(paths[1]), sha(paths[2])}
+    assert found("--filter", "year=2020..2022") == [sha(paths[1])]
+    hits = json.loads(cli(stack, "search", "--image", str(paths[0]), "--image", str(paths[1]), "--weight", "1",
+                          "--weight", "0.01", "--aggregation", "max", "--nprobe", "4", "--top-k", "3",
+                          "--filter", "album=old|new", "--json").stdout)["hits"]
+    alone = json.loads(cli(stack, "search", "--image", str(paths[0]), "--top-k", "3", "--filter", "album=old|new",
+                           "--json").stdout)["hits"]
+    assert hits[0]["id"] == sha(paths[0]) and hits[0]["metadata"]["album"] == "old"
+    assert [(h["id"], round(h["score"], 4)) for h in hits] == [(h["id"], round(h["score"], 4)) for h in alone]
+    even = json.loads(cli(stack, "search", "--image", str(paths[0]), "--image", str(paths[1]), "--aggregation",
+                          "max", "--top-k", "3", "--json").stdout)["hits"]
+    assert {h["id"]: round(h["score"], 3) for h in even}[sha(paths[1])] == 1.0  # unweighted, its own part wins
+    refused = cli(stack, "search", "--image", str(paths[0]), "--weight", "1", "--weight", "2", check=False)
+    assert refused.returncode != 0 and "--weight" in refused.stderr
+    listed = cli(stack, "imports", "list")
+    assert "job id" in listed.stdout
+
+
+def test_eval_takes_its_options_without_a_separator(monkeypatch):
+    from clipsearch import cli as cli_module
+    from clipsearch import eval as evaluation
+
+    seen = []
+    monkeypatch.setattr(evaluation, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.delenv("CLIPSEARCH_TARGET", raising=False)
+    assert cli_module.main(["eval", "--synthetic", "--n", "50"]) == 0
+    assert cli_module.main(["eval", "--", "--synthetic"]) == 0
+    assert seen == [["--synthetic", "--n", "50"], ["--synthetic"]]
+
+
+def test_upload_files_splits_into_calls_under_the_per_call_limit(tmp_path, monkeypatch):
+    from clipsearch.client import UploadResult
+
+    paths = []
+    for i in range(300):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(b"x" * 10)
+    calls = []
+
+    def fake_call(method, request, parse, timeout=None):
+        calls.append(len(request.items))
+        return [UploadResult(str(i), True) for i in range(len(request.items))]
+
+    with Client("127.0.0.1:1") as client:
+        monkeypatch.setattr(client, "_call", fake_call)
+        results = client.upload_files(paths, file_metadata=[{"n": i} for i in range(300)])
+    assert len(results) == 300 and max(calls) <= 256 and sum(calls) == 300 and len(calls) > 1
+
+
+def test_up_passes_clipsearch_settings_through_and_shows_metrics(stack, monkeypatch, tmp_path):
+    from clipsearch.stack import LocalStack, StackConfig, default_data_dir
+
+    monkeypatch.setenv("CLIPSEARCH_STATE_DIR", str(tmp_path))
+    assert default_data_dir() == tmp_path / "data"
+    monkeypatch.setenv("CLIPSEARCH_URL_TTL_SECONDS", "123")
+    local = LocalStack(StackConfig(data_dir=tmp_path))
+    monkeypatch.setattr("clipsearch.stack.ServiceProcess.spawn", lambda self: self)
+    child = local._spawn("gateway", "gateway", [], 0)
+    assert child.env["CLIPSEARCH_URL_TTL_SECONDS"] == "123"
+    assert "--metrics-port" in child.args
+    for service in stack["info"]["services"].values():
+        assert service["metrics"].startswith("http://127.0.0.1:") and service["metrics"].endswith("/metrics")
+    printed = (stack["root"] / "up.log").read_text()
+    assert printed.count("metrics http://") == len(stack["info"]["services"])
+    page = stack["info"]["services"]["gateway"]["web"]
+    assert f"web page and HTTP/JSON API at {page}" in printed
+    with urllib.request.urlopen(page, timeout=10) as response:
+        assert b"clipsearch" in response.read()
+
+
 def test_down_stops_every_process_cleanly(stack):
     pids = [s["pid"] for s in stack["info"]["services"].values()]
     cli(stack, "down")
@@ -242,24 +325,3 @@ def test_up_and_demo_keep_their_own_defaults():
     assert (demo.port, demo.data_dir) == (0, "./data/demo")
     assert parser.parse_args(["up", "--port", "0"]).port == 0
     assert (up.http_port, demo.http_port) == (8080, -1)  # up serves the web page by default
-
-
-def test_up_passes_clipsearch_settings_through_and_shows_metrics(stack, monkeypatch, tmp_path):
-    from clipsearch.stack import LocalStack, StackConfig, default_data_dir
-
-    monkeypatch.setenv("CLIPSEARCH_STATE_DIR", str(tmp_path))
-    assert default_data_dir() == tmp_path / "data"
-    monkeypatch.setenv("CLIPSEARCH_URL_TTL_SECONDS", "123")
-    local = LocalStack(StackConfig(data_dir=tmp_path))
-    monkeypatch.setattr("clipsearch.stack.ServiceProcess.spawn", lambda self: self)
-    child = local._spawn("gateway", "gateway", [], 0)
-    assert child.env["CLIPSEARCH_URL_TTL_SECONDS"] == "123"
-    assert "--metrics-port" in child.args
-    for service in stack["info"]["services"].values():
-        assert service["metrics"].startswith("http://127.0.0.1:") and service["metrics"].endswith("/metrics")
-    printed = (stack["root"] / "up.log").read_text()
-    assert printed.count("metrics http://") == len(stack["info"]["services"])
-    page = stack["info"]["services"]["gateway"]["web"]
-    assert f"web page and HTTP/JSON API at {page}" in printed
-    with urllib.request.urlopen(page, timeout=10) as response:
-        assert b"clipsearch" in response.read()

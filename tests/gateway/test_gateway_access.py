@@ -112,6 +112,8 @@ def matrix_calls(world):
          "reader"),
         ("UpdateImage", gpb.UpdateImageRequest(collection="team-a", id=ids[0],
                                                metadata={"fields": {"k": {"string_value": "v"}}}), "writer"),
+        ("ListImportJobs", gpb.ListImportJobsRequest(collection="team-a"), "reader"),
+        ("CancelImportJob", gpb.CancelImportJobRequest(job_id=import_job), "writer"),
     ]
 
 

@@ -88,3 +88,25 @@ def test_import_into_a_recreated_collection_starts_fresh(sdk, workdir):
     again = run_import()
     assert again.job_id != first.job_id and again.imported == 3 and again.skipped == 0
     assert sdk.get_collection("reimp").vector_count == 3
+    jobs, token = sdk.list_import_jobs(collection="reimp")
+    assert {j.job_id for j in jobs} == {first.job_id, again.job_id} and token == ""
+    assert sdk.cancel_import_job(again.job_id).state == "SUCCEEDED"  # an ended job stays as it ended
+
+
+def test_cancelling_a_running_job_stops_it_and_keeps_its_cursor(tmp_path):
+    import asyncio
+
+    from gateway.jobs import JobStore, Saved
+    from gateway.types import ImportJob
+
+    async def main():
+        store = JobStore(tmp_path, ImportJob, r"imp-[0-9a-f]{24}")
+        saved = Saved(ImportJob(job_id="imp-" + "a" * 24, collection="c", source="s"), cursor="k1")
+        store.launch(saved, lambda s: asyncio.sleep(60))
+        await asyncio.sleep(0)
+        job = await store.cancel(saved.job.job_id)
+        assert job.state == "cancelled" and not saved.running
+        assert store.listed()[0].state == "cancelled" and store.unfinished() == []  # not resumed on start
+        assert JobStore(tmp_path, ImportJob, r"imp-[0-9a-f]{24}").find(job.job_id).cursor == "k1"
+
+    asyncio.run(main())

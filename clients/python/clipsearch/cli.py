@@ -14,7 +14,10 @@ CLIPSEARCH_TARGET) points them at any gateway instead.
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
 import hashlib
+import io
 import json
 import os
 import signal
@@ -50,14 +53,24 @@ def make_client(args) -> Client:
                   timeout=args.timeout)
 
 
-def parse_filters(pairs: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` (equals), ``key=a|b`` (in-set), ``key>=3``, ``key<10`` (ranges). Numbers stay numbers."""
-    def value(text: str) -> Any:
-        try:
-            return float(text)
-        except ValueError:
-            return text
+def parse_value(text: str) -> Any:
+    """A number, an ISO date or time (``2020-01-01``, ``2020-01-01T12:00:00+02:00``; UTC when no
+    zone is given), else the text itself."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
 
+
+def parse_filters(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` (equals), ``key=a|b`` (in-set), ``key>=3``, ``key<10``, ``key=lo..hi`` (ranges,
+    ends included). Numbers stay numbers; ISO dates (``date>=2020-01-01``) are timestamps."""
+    value = parse_value
     result: dict[str, Any] = {}
     for pair in pairs:
         for op, bound in ((">=", "gte"), ("<=", "lte"), (">", "gt"), ("<", "lt")):
@@ -67,8 +80,12 @@ def parse_filters(pairs: Sequence[str]) -> dict[str, Any]:
                 break
         else:
             if "=" not in pair:
-                raise SystemExit(f"error: --filter {pair!r}: use key=value, key=a|b, key>=x or key<y")
+                raise SystemExit(f"error: --filter {pair!r}: use key=value, key=a|b, key>=x, key<y or key=lo..hi")
             key, raw = pair.split("=", 1)
+            low, dots, high = raw.partition("..")
+            if dots and low and high:
+                result.setdefault(key.strip(), {}).update(gte=value(low.strip()), lte=value(high.strip()))
+                continue
             options = [value(v) for v in raw.split("|")]
             result[key.strip()] = options if len(options) > 1 else options[0]
     return result
@@ -121,8 +138,30 @@ def import_checkpoint_path(target: str, folder: Path, collection: str, collectio
     return state_dir() / "imports" / f"{key}.done"
 
 
+def read_sidecar(path: str) -> dict[str, dict[str, Any]]:
+    """Metadata per file from a sidecar: JSON ``{"a.jpg": {"album": "x", "year": 2020}, ...}`` or a
+    CSV whose first column is the file name (relative to the folder, or the bare name) and whose
+    other columns are metadata keys (numbers and ISO dates parsed; empty cells skipped)."""
+    text = Path(path).read_text()
+    if path.lower().endswith(".csv"):
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows or len(rows[0]) < 2:
+            raise SystemExit(f"error: {path}: a CSV sidecar needs a header: filename,key1,key2,...")
+        header = rows[0]
+        return {row[0]: {k: parse_value(v) for k, v in zip(header[1:], row[1:]) if v != ""} for row in rows[1:]
+                if row}
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise SystemExit(f"error: {path}: not JSON ({exc}); use a .json or .csv sidecar") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise SystemExit(f'error: {path}: expected {{"file name": {{"key": value, ...}}, ...}}')
+    return {name: {k: parse_value(v) if isinstance(v, str) else v for k, v in meta.items()}
+            for name, meta in data.items()}
+
+
 def import_folder(client: Client, folder: Path, *, batch_size: int = 16, metadata: dict | None = None,
-                  progress: bool = True) -> dict[str, int]:
+                  progress: bool = True, sidecar: dict[str, dict[str, Any]] | None = None) -> dict[str, int]:
     """Uploads every image under ``folder`` in batches, with a progress bar.
 
     Files already imported (recorded in a checkpoint under the state dir) are
@@ -145,7 +184,9 @@ def import_folder(client: Client, folder: Path, *, batch_size: int = 16, metadat
     with open(checkpoint, "a") as record:
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
-            results = client.upload_files(batch, metadata=metadata)
+            results = client.upload_files(batch, metadata=metadata, file_metadata=[
+                (sidecar or {}).get(path.relative_to(folder).as_posix()) or (sidecar or {}).get(path.name)
+                for path in batch])
             for path, result in zip(batch, results):
                 if result.ok:
                     counts["imported" if result.created else "duplicates"] += 1
@@ -281,7 +322,8 @@ def cmd_import(args) -> int:
             folder = Path(args.source)
             if not folder.is_dir():
                 raise SystemExit(f"error: {args.source} is not a folder or an s3:// prefix")
-            counts = import_folder(client, folder, batch_size=args.batch_size, progress=not args.quiet)
+            counts = import_folder(client, folder, batch_size=args.batch_size, progress=not args.quiet,
+                                   sidecar=read_sidecar(args.metadata) if args.metadata else None)
     print(json.dumps(counts) if args.json else "  ".join(f"{k}={v}" for k, v in counts.items()))
     return 1 if counts.get("failed") else 0
 
@@ -328,13 +370,23 @@ def cmd_batch_search(args) -> int:
 def cmd_search(args) -> int:
     if args.queries_file:
         return cmd_batch_search(args)
-    if not args.text and not args.image and not args.image_id:
+    from clipsearch.client import Query
+
+    parts = ([Query.text(args.text)] if args.text else []) + [Query.image(p) for p in args.image] + [
+        Query.image_id(i) for i in args.image_id]
+    if not parts:
         raise SystemExit("error: give a text, --image PATH, --image-id ID or --queries-file FILE")
+    if args.weight:
+        if len(args.weight) != len(parts):
+            raise SystemExit(f"error: {len(args.weight)} --weight for {len(parts)} query parts (the text, then "
+                             "each --image, then each --image-id)")
+        for part, weight in zip(parts, args.weight):
+            part.part.weight = weight
     with make_client(args) as client:
         results = client.search(
-            args.text or None, image=args.image, image_id=args.image_id, top_k=args.top_k,
+            parts=parts, aggregation=args.aggregation, top_k=args.top_k,
             min_score=args.min_score, filter=parse_filters(args.filter), diversity=args.diversity,
-            page_size=args.page_size, page_token=args.page_token,
+            page_size=args.page_size, page_token=args.page_token, nprobe=args.nprobe, ef_search=args.ef_search,
             positive_ids=args.more_like, negative_ids=args.less_like,
         )
     if args.json:
@@ -426,16 +478,38 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(extra: list[str]) -> int:
+    """``clipsearch eval [OPTIONS]``: every option goes to ``python -m clipsearch.eval`` (a leading
+    ``--`` is allowed); CLIPSEARCH_TARGET is its --target unless --target or --model is given."""
     from clipsearch import eval as evaluation
 
-    extra = list(args.eval_args)
-    if extra and extra[0] == "--":
-        extra = extra[1:]
-    if not any(a.startswith("--target") for a in extra) and not any(a.startswith("--model") for a in extra) \
-            and args.target:
-        extra = ["--target", args.target, *extra]
-    evaluation.main(extra)
+    extra = extra[1:] if extra[:1] == ["--"] else list(extra)
+    target = os.environ.get("CLIPSEARCH_TARGET", "")
+    if target and not any(a.startswith(("--target", "--model")) for a in extra):
+        extra = ["--target", target, *extra]
+    return evaluation.main(extra)
+
+
+def cmd_imports(args) -> int:
+    with make_client(args) as client:
+        if args.action == "cancel":
+            if not args.job_id:
+                raise SystemExit("error: imports cancel needs a JOB_ID (see `clipsearch imports list`)")
+            jobs = [client.cancel_import_job(args.job_id)]
+        else:
+            jobs, token = client.list_import_jobs(collection=args.collection)
+            while token:
+                more, token = client.list_import_jobs(collection=args.collection, page_token=token)
+                jobs += more
+    if args.json:
+        print(json.dumps([job.__dict__ for job in jobs], indent=2, default=str))
+        return 0
+    print(f"  {'job id':<28} {'collection':<16} {'state':<10} {'done':>12} {'imported':>9} {'skipped':>8} "
+          f"{'failed':>7}  source")
+    for job in jobs:
+        done = f"{job.processed}/{job.total}"
+        print(f"  {job.job_id:<28} {job.collection:<16} {job.state:<10} {done:>12} {job.imported:>9} "
+              f"{job.skipped:>8} {job.failed:>7}  {job.source}")
     return 0
 
 
@@ -543,14 +617,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", parents=[common], help="import a folder or s3://bucket/prefix (resumable)")
     p.add_argument("source", help="a local folder or s3://bucket/prefix")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--metadata", default="", metavar="SIDECAR",
+                   help="metadata per file: a .json {\"name.jpg\": {\"key\": value}} or a .csv with a header "
+                        "filename,key1,key2 (names relative to the folder, or bare file names)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("search", parents=[common], help="search by text or image")
     p.add_argument("text", nargs="?", default="")
-    p.add_argument("--image", help="search by this image file")
-    p.add_argument("--image-id", help="search by a stored image")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="search by this image file (repeat for more parts)")
+    p.add_argument("--image-id", action="append", default=[], metavar="ID",
+                   help="search by a stored image (repeat for more parts)")
+    p.add_argument("--aggregation", choices=["mean", "max"], default="mean",
+                   help="how several parts combine: mean (one weighted query) or max (best part per image)")
+    p.add_argument("--weight", action="append", type=float, default=[],
+                   help="one per part, in order: the text, each --image, each --image-id (default 1)")
+    p.add_argument("--nprobe", type=int, default=0, help="IVF lists to visit (0 = the index's default)")
+    p.add_argument("--ef-search", type=int, default=0, help="HNSW search depth (0 = the index's default)")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--min-score", type=float, default=None)
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
@@ -587,14 +672,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_repair)
     p = sub.add_parser("stats", parents=[common], help="collections and local stack status as JSON")
     p.set_defaults(func=cmd_stats)
-    p = sub.add_parser("eval", parents=[common], help="retrieval accuracy (Recall@1/5, MRR, NDCG@10)",
-                       description="Runs `python -m clipsearch.eval`; arguments after `--` go to it.")
+    p = sub.add_parser("eval", add_help=False, help="retrieval accuracy (Recall@1/5, MRR, NDCG@10); "
+                       "`clipsearch eval --help` lists its options")
     p.add_argument("eval_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=lambda args: cmd_eval(args.eval_args))
+    p = sub.add_parser("imports", parents=[common], help="list import jobs, or cancel one")
+    p.add_argument("action", nargs="?", choices=["list", "cancel"], default="list")
+    p.add_argument("job_id", nargs="?", default="")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_imports)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:  # its options are the evaluation's own, given as they are
+        return cmd_eval(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -39,7 +39,8 @@ SERVICE = "clipsearch.gateway.v1.GatewayService"
 # Retried by the channel on UNAVAILABLE: reads and idempotent writes (uploads are
 # content-addressed, imports are keyed by source).
 IDEMPOTENT_METHODS = [
-    "SearchImages", "BatchSearchImages", "GetImage", "ListImages", "GetImportJob", "GetCollection", "ListCollections",
+    "SearchImages", "BatchSearchImages", "GetImage", "ListImages", "GetImportJob", "ListImportJobs",
+    "CancelImportJob", "GetCollection", "ListCollections",
     "UploadImages", "ImportImages", "DeleteImage", "UpdateImage", "RepairCollection", "GetRepairJob",
 ]
 # SearchHit fields a search returns when metadata is not wanted (read_mask).
@@ -109,11 +110,11 @@ class UploadResult:
 
 
 class _Job:
-    state: str  # RUNNING, SUCCEEDED, FAILED
+    state: str  # RUNNING, SUCCEEDED, FAILED (or CANCELLED, imports)
 
     @property
     def done(self) -> bool:
-        return self.state in ("SUCCEEDED", "FAILED")
+        return self.state in ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
 @dataclasses.dataclass
@@ -304,6 +305,23 @@ def _upload_items(items: Sequence[tuple[bytes, Mapping[str, MetadataScalar] | No
     return [pb.UploadItem(data=data, metadata=metadata_to_proto(meta), filename=name) for data, meta, name in items]
 
 
+UPLOAD_BATCH_ITEMS = 64  # files per UploadImages call (the gateway allows max_upload_items, 256 by default)
+UPLOAD_BATCH_BYTES = 32 * 1024 * 1024  # bytes per call, under the 64 MiB message limit
+
+
+def _batches(items: Sequence[tuple[bytes, Any, str]], max_items: int) -> list[list]:
+    """``items`` in order, cut into lists of at most ``max_items`` and about UPLOAD_BATCH_BYTES."""
+    batches: list[list] = [[]]
+    size = 0
+    for item in items:
+        if batches[-1] and (len(batches[-1]) >= max_items or size + len(item[0]) > UPLOAD_BATCH_BYTES):
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += len(item[0])
+    return batches
+
+
 def _service_config(retries: int) -> str:
     return json.dumps({"methodConfig": [{
         "name": [{"service": SERVICE, "method": m} for m in IDEMPOTENT_METHODS],
@@ -351,6 +369,11 @@ class _ClientBase:
     def _call(self, method: str, request, parse: Callable[[Any], Any], timeout: float | None = None):
         raise NotImplementedError
 
+    def _call_each(self, method: str, requests: Sequence, parse: Callable[[Any], Any],
+                   combine: Callable[[list], Any], timeout: float | None = None):
+        """The calls one after another; ``combine`` of their parsed results."""
+        raise NotImplementedError
+
     def _collection(self, collection: str | None) -> str:
         return self.collection if collection is None else collection
 
@@ -390,11 +413,19 @@ class _ClientBase:
         return self._call("UploadImages", request, _parse_upload, timeout=max(self.timeout, 120))
 
     def upload_files(self, paths: Sequence[str | Path], *, metadata: Mapping[str, MetadataScalar] | None = None,
-                     collection: str | None = None):
-        """Uploads image files; each keeps its file name as metadata "filename"."""
-        items = [(Path(p).read_bytes(), metadata, Path(p).name) for p in paths]
-        request = pb.UploadImagesRequest(collection=self._collection(collection), items=_upload_items(items))
-        return self._call("UploadImages", request, _parse_upload, timeout=max(self.timeout, 120))
+                     file_metadata: Sequence[Mapping[str, MetadataScalar] | None] | None = None,
+                     collection: str | None = None, batch_size: int = UPLOAD_BATCH_ITEMS):
+        """Uploads image files; each keeps its file name as metadata "filename". ``metadata`` goes
+        with every file, ``file_metadata`` (one mapping per path) with each one, over it. Calls hold
+        at most ``batch_size`` files and about UPLOAD_BATCH_BYTES (the gateway's per-call limits);
+        one UploadResult per path. On AsyncClient the batches are sent one after another too."""
+        own = list(file_metadata) if file_metadata is not None else [None] * len(paths)
+        items = [(Path(p).read_bytes(), {**(metadata or {}), **(own[i] or {})}, Path(p).name)
+                 for i, p in enumerate(paths)]
+        requests = [pb.UploadImagesRequest(collection=self._collection(collection), items=_upload_items(batch))
+                    for batch in _batches(items, batch_size)]
+        return self._call_each("UploadImages", requests, _parse_upload, lambda parts: [r for p in parts for r in p],
+                               timeout=max(self.timeout, 120))
 
     def upload_file(self, path: str | Path, *, metadata: Mapping[str, MetadataScalar] | None = None,
                     collection: str | None = None):
@@ -408,6 +439,16 @@ class _ClientBase:
         request = pb.ImportImagesRequest(collection=self._collection(collection), source=source,
                                          metadata=metadata_to_proto(metadata))
         return self._call("ImportImages", request, lambda r: _parse_job(r.job))
+
+    def list_import_jobs(self, *, collection: str = "", page_size: int = 0, page_token: str = ""):
+        """Import jobs (of ``collection``, or of every collection the key may read): (jobs, next_page_token)."""
+        request = pb.ListImportJobsRequest(collection=collection, page_size=page_size, page_token=page_token)
+        return self._call("ListImportJobs", request,
+                          lambda r: ([_parse_job(j) for j in r.jobs], r.next_page_token))
+
+    def cancel_import_job(self, job_id: str):
+        """Stops a running import; ImportImages with the same source resumes it."""
+        return self._call("CancelImportJob", pb.CancelImportJobRequest(job_id=job_id), lambda r: _parse_job(r.job))
 
     def get_import_job(self, job_id: str):
         return self._call("GetImportJob", pb.GetImportJobRequest(job_id=job_id), lambda r: _parse_job(r.job))
@@ -482,6 +523,9 @@ class Client(_ClientBase):
             raise error_from_rpc(error) from None
         return parse(response)
 
+    def _call_each(self, method, requests, parse, combine, timeout=None):
+        return combine([self._call(method, request, parse, timeout) for request in requests])
+
     def iter_images(self, *, page_size: int = 500, collection: str | None = None) -> Iterator[Image]:
         token = ""
         while True:
@@ -519,6 +563,9 @@ class AsyncClient(_ClientBase):
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         return parse(response)
+
+    async def _call_each(self, method, requests, parse, combine, timeout=None):
+        return combine([await self._call(method, request, parse, timeout) for request in requests])
 
     async def close(self) -> None:
         await self._channel.close()

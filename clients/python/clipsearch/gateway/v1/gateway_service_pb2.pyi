@@ -26,6 +26,7 @@ class ImportState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMPORT_STATE_RUNNING: _ClassVar[ImportState]
     IMPORT_STATE_SUCCEEDED: _ClassVar[ImportState]
     IMPORT_STATE_FAILED: _ClassVar[ImportState]
+    IMPORT_STATE_CANCELLED: _ClassVar[ImportState]
 
 class RepairState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +41,7 @@ IMPORT_STATE_UNSPECIFIED: ImportState
 IMPORT_STATE_RUNNING: ImportState
 IMPORT_STATE_SUCCEEDED: ImportState
 IMPORT_STATE_FAILED: ImportState
+IMPORT_STATE_CANCELLED: ImportState
 REPAIR_STATE_UNSPECIFIED: RepairState
 REPAIR_STATE_RUNNING: RepairState
 REPAIR_STATE_SUCCEEDED: RepairState
@@ -318,6 +320,36 @@ class ImportJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., collection: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ImportState, str]] = ..., total: _Optional[int] = ..., processed: _Optional[int] = ..., imported: _Optional[int] = ..., skipped: _Optional[int] = ..., failed: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[ImportError, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., listing_done: _Optional[bool] = ...) -> None: ...
 
 class ImportImagesResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: ImportJob
+    def __init__(self, job: _Optional[_Union[ImportJob, _Mapping]] = ...) -> None: ...
+
+class ListImportJobsRequest(_message.Message):
+    __slots__ = ("collection", "page_size", "page_token")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    page_size: int
+    page_token: str
+    def __init__(self, collection: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListImportJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[ImportJob]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[ImportJob, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelImportJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelImportJobResponse(_message.Message):
     __slots__ = ("job",)
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: ImportJob

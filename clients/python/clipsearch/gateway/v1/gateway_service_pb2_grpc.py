@@ -87,6 +87,16 @@ class GatewayServiceStub:
                 request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ImportImagesRequest.SerializeToString,
                 response_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ImportImagesResponse.FromString,
                 _registered_method=True)
+        self.ListImportJobs = channel.unary_unary(
+                '/clipsearch.gateway.v1.GatewayService/ListImportJobs',
+                request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ListImportJobsRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ListImportJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelImportJob = channel.unary_unary(
+                '/clipsearch.gateway.v1.GatewayService/CancelImportJob',
+                request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelImportJobRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelImportJobResponse.FromString,
+                _registered_method=True)
         self.GetImportJob = channel.unary_unary(
                 '/clipsearch.gateway.v1.GatewayService/GetImportJob',
                 request_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.GetImportJobRequest.SerializeToString,
@@ -206,6 +216,23 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListImportJobs(self, request, context):
+        """Import jobs of the collections the caller may read, by job id; a
+        collection narrows the list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelImportJob(self, request, context):
+        """Stops a running import job (write scope on its collection); it keeps its
+        cursor, so ImportImages with the same source resumes it. Cancelling a job
+        that has ended changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetImportJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -303,6 +330,16 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ImportImages,
                     request_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ImportImagesRequest.FromString,
                     response_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ImportImagesResponse.SerializeToString,
+            ),
+            'ListImportJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImportJobs,
+                    request_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ListImportJobsRequest.FromString,
+                    response_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ListImportJobsResponse.SerializeToString,
+            ),
+            'CancelImportJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelImportJob,
+                    request_deserializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelImportJobRequest.FromString,
+                    response_serializer=clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelImportJobResponse.SerializeToString,
             ),
             'GetImportJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetImportJob,
@@ -569,6 +606,60 @@ class GatewayService:
             '/clipsearch.gateway.v1.GatewayService/ImportImages',
             clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ImportImagesRequest.SerializeToString,
             clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ImportImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImportJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.gateway.v1.GatewayService/ListImportJobs',
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ListImportJobsRequest.SerializeToString,
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.ListImportJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelImportJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.gateway.v1.GatewayService/CancelImportJob',
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelImportJobRequest.SerializeToString,
+            clipsearch_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelImportJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
