@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,6 +63,9 @@ def _register_bundled_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+DOWNLOAD_PROBE_SECONDS = 3.0  # how long a start waits to learn that the weights' host is unreachable
+
+
 def _is_local_dir(model_name: str) -> bool:
     path = Path(model_name.removeprefix("local-dir:"))
     return path.is_dir() and (path / LOCAL_DIR_CONFIG).is_file()
@@ -75,6 +80,39 @@ def _offline_hint(model_name: str, pretrained: str) -> str:
         "(3) pre-fill --model-cache-dir on a machine with internet and copy it over; "
         "(4) --pretrained none for random weights (tests only)."
     )
+
+
+HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _check_downloadable(model_name: str, pretrained: str, cache_dir: str | None) -> None:
+    """Weights of a pretrained tag that are neither cached nor reachable fail at once with the
+    offline options, instead of after the hub client's retries (a minute and more)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
+    hf_hub, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+    if hf_hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id = hf_hub.rstrip("/")
+        if any(isinstance(try_to_load_from_cache(repo_id, name, cache_dir=cache_dir), str)
+               for name in HF_WEIGHT_FILES):
+            return
+        host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    elif url:
+        folder = Path(cache_dir or Path.home() / ".cache" / "clip").expanduser()
+        if (folder / os.path.basename(urllib.parse.urlparse(url).path)).is_file():
+            return
+        host = urllib.parse.urlparse(url).hostname
+    else:
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelLoadError(_offline_hint(model_name, pretrained))
+    try:
+        socket.create_connection((host, 443), timeout=DOWNLOAD_PROBE_SECONDS).close()
+    except OSError:
+        raise ModelLoadError(_offline_hint(model_name, pretrained)) from None
 
 
 def weights_fingerprint(model: torch.nn.Module, preprocess_config: dict[str, Any]) -> str:
@@ -317,6 +355,7 @@ def load_model(
                     f"unknown pretrained tag {pretrained!r} for {model_name}; valid tags: {tags}, "
                     "a checkpoint file path, or none"
                 )
+            _check_downloadable(model_name, pretrained, cache_dir or None)
     if pretrained_arg is None and not identifier.startswith("local-dir:"):
         torch.manual_seed(0)  # random weights, but the same in every process (same fingerprint)
     try:

@@ -89,6 +89,7 @@ def test_import_search_get_delete_through_the_cli(stack):
     assert found["hits"][0]["metadata"]["filename"] == query.name
 
     table = cli(stack, "search", "a red circle", "--top-k", "3").stdout
+    assert "file" in table.splitlines()[2] and "img-0" in table  # the original file names
     assert "rank" in table and len([l for l in table.splitlines() if l.strip()[:1].isdigit()]) == 3
 
     shown = json.loads(cli(stack, "get", sha(query)).stdout)

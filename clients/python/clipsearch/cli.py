@@ -96,7 +96,8 @@ def display_url(url: str) -> str:
 
 
 def print_results(results: SearchResults, title: str = "", label: tuple[str, Any] | None = None) -> None:
-    """A table: rank, score, id, url/path; ``label`` = (header, hit -> text) adds a column before the url."""
+    """A table: rank, score, id, file name, url/path; ``label`` = (header, hit -> text) adds a column
+    before the url."""
     if title:
         print(f"\n{title}")
     if not results.hits:
@@ -105,10 +106,12 @@ def print_results(results: SearchResults, title: str = "", label: tuple[str, Any
     header, describe = label or ("", None)
     width = max([len(header)] + [len(describe(h)) for h in results.hits]) if describe else 0
     extra = f"  {header:<{width}}" if describe else ""
-    print(f"  {'rank':>4}  {'score':>7}  {'id':<64}{extra}  url/path")
-    for rank, hit in enumerate(results.hits, 1):
+    names = [str(h.metadata.get("filename", "")) for h in results.hits]
+    name_width = max(len("file"), *map(len, names))
+    print(f"  {'rank':>4}  {'score':>7}  {'id':<64}  {'file':<{name_width}}{extra}  url/path")
+    for rank, (hit, name) in enumerate(zip(results.hits, names), 1):
         extra = f"  {describe(hit):<{width}}" if describe else ""
-        print(f"  {rank:>4}  {hit.score:>7.4f}  {hit.id:<64}{extra}  {display_url(hit.url)}")
+        print(f"  {rank:>4}  {hit.score:>7.4f}  {hit.id:<64}  {name:<{name_width}}{extra}  {display_url(hit.url)}")
     if results.partial:
         print(f"  (partial: shards {', '.join(results.missing_shards)} did not answer)")
     if results.next_page_token:
