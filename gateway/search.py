@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -20,6 +21,8 @@ from clipsearch.errors import InvalidArgument
 
 # MMR re-ranks at most this many candidates.
 MAX_CANDIDATES = 1000
+# A search page token carries the ranked ids of the pages after it (at most top_k <= 1000 of them).
+MAX_TOKEN_CHARS = 256 * 1024
 _EPS = 1e-6
 
 
@@ -169,7 +172,7 @@ class PageTokens:
             field=field, reason="INVALID_PAGE_TOKEN",
         )
         body_text, dot, tag_text = token.partition(".")
-        if not dot or len(token) > 4096:
+        if not dot or len(token) > MAX_TOKEN_CHARS:
             raise bad
         try:
             body, tag = _unb64(body_text), _unb64(tag_text)
@@ -210,6 +213,19 @@ def digest(*parts: bytes | str) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()[:32]
+
+
+def pin_ranking(candidates: Sequence[Candidate]) -> str:
+    """The ids and scores of ``candidates``, packed for a page token (zlib, base64)."""
+    rows = [[c.id, round(float(c.score), 6)] for c in candidates]
+    return _b64(zlib.compress(json.dumps(rows, separators=(",", ":")).encode(), 6))
+
+
+def unpin_ranking(text: str) -> list[Candidate]:
+    """The candidates ``pin_ranking`` packed (the token's tag already vouched for them)."""
+    inflater = zlib.decompressobj()
+    rows = json.loads(inflater.decompress(_unb64(text), 16 * MAX_TOKEN_CHARS))
+    return [Candidate(str(image_id), float(score)) for image_id, score in rows]
 
 
 def within_bytes(sizes: Sequence[int], budget: int) -> int:

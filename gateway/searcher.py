@@ -17,8 +17,8 @@ from gateway.collections import Collections
 from gateway.deadline import Deadline
 from gateway.encoder import EncoderClient
 from gateway.search import (
-    MAX_CANDIDATES, Candidate, PageTokens, aggregate_max, combine_mean, cut_min_score, digest, mmr, page, rocchio,
-    unit, within_bytes,
+    MAX_CANDIDATES, Candidate, PageTokens, aggregate_max, combine_mean, cut_min_score, digest, mmr, pin_ranking,
+    rocchio, unit, unpin_ranking, within_bytes,
 )
 from gateway.settings import GatewaySettings
 from gateway.shards import ShardSet
@@ -59,7 +59,9 @@ class Searcher:
         name = self.collections.resolve(request.collection)
         plan, ttl = self._check(request, name)
         key = query_digest(request, name)
-        offset = int(self.tokens.open(request.page_token, "search", key)["o"]) if request.page_token else 0
+        if request.page_token:
+            pinned = unpin_ranking(self.tokens.open(request.page_token, "search", key)["r"])
+            return await self._pinned_page(name, request, plan, ttl, pinned, key, deadline)
 
         collection = await self.collections.describe(name, deadline)
         (vectors, errors), feedback = await _gather(
@@ -71,7 +73,7 @@ class Searcher:
         queries = self._queries(request, plan, np.stack(vectors), feedback)
         k, options = self._options(request, deadline)
         per_row, missing = await self._shard_search(name, queries, k, options)
-        return self._result(name, request, plan, ttl, per_row, missing, offset, key)
+        return self._result(name, request, plan, ttl, per_row, missing, key)
 
     async def batch_search(self, collection_name: str, requests: Sequence[SearchRequest],
                            deadline: Deadline) -> list[BatchSearchItem]:
@@ -174,9 +176,10 @@ class Searcher:
             raise
 
     def _result(self, name: str, request: SearchRequest, plan: SearchPlan, ttl: int,
-                per_row: Sequence[Sequence[Candidate]], missing: list[str], offset: int = 0,
-                key: str = "") -> SearchResult:
-        """Aggregation, the score cut-off, MMR, then the page at ``offset``."""
+                per_row: Sequence[Sequence[Candidate]], missing: list[str], key: str = "") -> SearchResult:
+        """Aggregation, the score cut-off, MMR, then the first page. The next page token pins the
+        ranking: it carries the ids and scores of every later page, so writes after this page
+        neither repeat nor shift the results of the next ones (see _pinned_page)."""
         top_k = plan.top_k
         k, _ = self._options(request, None)
         if request.aggregation == AGGREGATION_MAX:
@@ -186,18 +189,43 @@ class Searcher:
         ranked = cut_min_score(ranked, request.min_score)
         if request.diversity > 0:
             ranked = mmr(ranked, top_k, request.diversity)
-        chunk, following = page(ranked[:top_k], offset, plan.page_size)
+        return self._page(name, request, plan, ttl, ranked[:top_k], missing, key)
+
+    def _page(self, name: str, request: SearchRequest, plan: SearchPlan, ttl: int, ranked: Sequence[Candidate],
+              missing: list[str], key: str) -> SearchResult:
+        """The first page of ``ranked`` (cut short at the response's metadata budget), and a token
+        pinning the rest."""
+        chunk = list(ranked[:plan.page_size])
         metadata = [select_keys(c.metadata, request.metadata_keys) for c in chunk]
         fits = within_bytes([metadata_bytes(m) for m in metadata], self.settings.max_response_metadata_bytes)
-        if fits < len(chunk):  # the page ends early; the next one starts where it stopped
-            chunk, following = chunk[:fits], offset + fits
+        chunk, metadata = chunk[:fits], metadata[:fits]
+        rest = ranked[len(chunk):]
         with_url = "url" in request.hit_fields
         return SearchResult(
             hits=[Hit(c.id, c.score, self._url(name, c.id, ttl) if with_url else "", m)
                   for c, m in zip(chunk, metadata)],
-            next_page_token=self.tokens.issue("search", key, o=following) if following is not None else "",
+            next_page_token=self.tokens.issue("search", key, r=pin_ranking(rest)) if rest and key else "",
             missing_shards=missing,
         )
+
+    async def _pinned_page(self, name: str, request: SearchRequest, plan: SearchPlan, ttl: int,
+                           pinned: list[Candidate], key: str, deadline: Deadline) -> SearchResult:
+        """A later page: the next ids of the ranking the first page pinned, with their scores from
+        then and their metadata from now. Images deleted since are left out (the page is shorter);
+        images written since do not enter, and nothing repeats or moves between pages."""
+        await self.collections.describe(name, deadline)
+        chunk = pinned[:plan.page_size]
+        records = await self.shards.fetch(name, [c.id for c in chunk], deadline)
+        present = [Candidate(c.id, c.score, records[c.id].metadata) for c in chunk if c.id in records]
+        if "metadata" not in request.hit_fields:
+            present = [dataclasses.replace(c, metadata=None) for c in present]
+        result = self._page(name, request, dataclasses.replace(plan, page_size=len(present)), ttl, present, [],
+                            key)
+        shown = {h.id for h in result.hits}
+        cut = next((i for i, c in enumerate(chunk) if c.id in records and c.id not in shown), len(chunk))
+        rest = pinned[cut:]
+        result.next_page_token = self.tokens.issue("search", key, r=pin_ranking(rest)) if rest else ""
+        return result
 
     def _url(self, collection: str, image_id: str, ttl_seconds: int) -> str:
         try:

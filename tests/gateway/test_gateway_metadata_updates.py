@@ -9,7 +9,7 @@ import pytest
 
 from clipsearch import errors
 from clipsearch.client import Client
-from tests.gateway.conftest import noise_image, sha, start_gateway
+from tests.gateway.conftest import near_duplicate, noise_image, sha, start_gateway
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,21 @@ def test_cancelling_a_running_job_stops_it_and_keeps_its_cursor(tmp_path):
         assert JobStore(tmp_path, ImportJob, r"imp-[0-9a-f]{24}").find(job.job_id).cursor == "k1"
 
     asyncio.run(main())
+
+
+def test_pages_stay_stable_while_others_write_and_delete(sdk):
+    sdk.create_collection("pages")
+    datas = [noise_image(4300 + i) for i in range(12)]
+    sdk.upload(datas, collection="pages")
+    query = noise_image(4399)
+    whole = [h.id for h in sdk.search(image=query, top_k=12, collection="pages")]
+    first = sdk.search(image=query, top_k=12, page_size=4, collection="pages")
+    # Others write after the first page: near-copies of the query would rank first if searched again.
+    sdk.upload([near_duplicate(4399, v) for v in range(3)], collection="pages")
+    second = sdk.search(image=query, top_k=12, page_size=4, page_token=first.next_page_token, collection="pages")
+    sdk.delete(whole[10], collection="pages")
+    third = sdk.search(image=query, top_k=12, page_size=4, page_token=second.next_page_token, collection="pages")
+    assert [h.id for h in first] + [h.id for h in second] == whole[:8]
+    assert [h.id for h in third] == whole[8:10] + whole[11:]  # the deleted one is left out, nothing else moves
+    assert third.next_page_token == "" and all(h.metadata.get("content_type") for h in third)
+    assert max(h.score for h in second) <= min(h.score for h in first)  # the scores of the pinned ranking
