@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -262,6 +263,10 @@ class HttpApi:
         self.keys = keys
         self.routes = http_routes()
         self.max_body = settings.max_message_mb * 1024 * 1024
+        # The page, told the gateway's default collection (its picker starts there).
+        self.index_html = (WEB_DIR / "index.html").read_text().replace(
+            '<meta name="default-collection" content="">',
+            f'<meta name="default-collection" content="{html.escape(settings.default_collection)}">')
 
     def app(self) -> Starlette:
         routes = [Route("/", self.page, methods=["GET"]),
@@ -272,7 +277,7 @@ class HttpApi:
         return Starlette(routes=routes, middleware=[Middleware(BodyLimit, max_bytes=self.max_body)])
 
     async def page(self, request: Request) -> Response:
-        return FileResponse(WEB_DIR / "index.html", headers={"cache-control": "no-cache"})
+        return HTMLResponse(self.index_html, headers={"cache-control": "no-cache"})
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document(self.routes, CONTENT_ROUTE))

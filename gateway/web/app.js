@@ -85,7 +85,8 @@ async function loadCollections() {
     const data = await call("GET", "/v1/collections?pageSize=1000");
     const names = (data.collections || []).map((c) => c.name);
     select.replaceChildren(...names.map((name) => new Option(name, name)));
-    const preferred = [sessionStorage.getItem(COLLECTION_STORAGE), "images"].find((n) => n && names.includes(n));
+    const fallback = document.querySelector("meta[name=default-collection]").content; // the gateway's default
+    const preferred = [sessionStorage.getItem(COLLECTION_STORAGE), fallback].find((n) => n && names.includes(n));
     if (preferred) select.value = preferred;
     setStatus("search-status", names.length ? "" : "No collection is readable with this key.");
   } catch (e) {

@@ -168,6 +168,7 @@ def test_openapi_document_and_page(http):
     assert "topK" in document["components"]["schemas"]["clipsearch.gateway.v1.SearchImagesRequest"]["properties"]
     page = http.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert f'<meta name="default-collection" content="{COLLECTION}">' in page.text
     assert http.get("/web/app.js").status_code == 200
 
 
