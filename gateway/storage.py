@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from clipsearch.errors import ClipsearchError, InvalidArgument, NotFound, Unavailable
-from clipsearch.image_formats import sniff_content_type
+from clipsearch.image_formats import EXTENSION_BY_CONTENT_TYPE, sniff_content_type
 from clipsearch.names import IMAGE_ID_RE, check_collection_name, check_image_id
 from clipsearch.s3 import is_missing_error, make_s3_client, parse_s3_uri
 
@@ -51,6 +51,10 @@ def image_deletion_marker(collection: str, image_id: str) -> str:
 def image_id_for(data: bytes) -> str:
     """The id of an image: the sha256 of its bytes, in hex."""
     return hashlib.sha256(data).hexdigest()
+
+
+# What may follow "<id>." in a local object's file name ("" for the bare ids written before).
+EXTENSION_STEMS = {"", *(ext.lstrip(".") for ext in EXTENSION_BY_CONTENT_TYPE.values())}
 
 
 @dataclass(frozen=True)
@@ -173,11 +177,22 @@ class LocalStorage(ImageStorage):
             raise InvalidArgument("object key escapes the storage folder", field="id")
         return path
 
+    def _stored(self, collection: str, image_id: str) -> Path | None:
+        """The object's file: ``<id><ext>`` (its content type's extension), or a bare ``<id>`` written
+        before objects kept their extension; None when there is neither."""
+        base = self.path(collection, image_id)
+        for ext in (*EXTENSION_BY_CONTENT_TYPE.values(), ""):
+            candidate = base.with_name(base.name + ext)
+            if candidate.is_file():
+                return candidate
+        return None
+
     async def put(self, collection: str, image_id: str, data: bytes, content_type: str) -> bool:
-        path = self.path(collection, image_id)
+        base = self.path(collection, image_id)
+        path = base.with_name(base.name + EXTENSION_BY_CONTENT_TYPE.get(content_type, ""))
 
         def write() -> bool:
-            if path.exists():
+            if self._stored(collection, image_id) is not None:
                 return False
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -194,22 +209,18 @@ class LocalStorage(ImageStorage):
         return await self._run("put", write)
 
     async def get(self, collection: str, image_id: str) -> bytes:
-        path = self.path(collection, image_id)
-
         def read() -> bytes:
             try:
-                return path.read_bytes()
+                return (self._stored(collection, image_id) or self.path(collection, image_id)).read_bytes()
             except FileNotFoundError:
                 raise NotFound(f"image {image_id} is not in storage", field="id") from None
 
         return await self._run("get", read)
 
     async def head(self, collection: str, image_id: str) -> ObjectInfo | None:
-        path = self.path(collection, image_id)
-
         def stat() -> ObjectInfo | None:
             try:
-                with open(path, "rb") as fh:
+                with open(self._stored(collection, image_id) or self.path(collection, image_id), "rb") as fh:
                     head = fh.read(16)
                     size = os.fstat(fh.fileno()).st_size
             except FileNotFoundError:
@@ -219,11 +230,9 @@ class LocalStorage(ImageStorage):
         return await self._run("head", stat)
 
     async def delete(self, collection: str, image_id: str) -> bool:
-        path = self.path(collection, image_id)
-
         def remove() -> bool:
             try:
-                path.unlink()
+                (self._stored(collection, image_id) or self.path(collection, image_id)).unlink()
                 return True
             except FileNotFoundError:
                 return False
@@ -243,7 +252,7 @@ class LocalStorage(ImageStorage):
         return await self._run("delete_collection", remove)
 
     def url(self, collection: str, image_id: str, ttl_seconds: int = 0) -> str:
-        return self.path(collection, image_id).as_uri()
+        return (self._stored(collection, image_id) or self.path(collection, image_id)).as_uri()
 
     async def list_ids(self, collection: str, after: str, limit: int) -> list[str]:
         folder = self.root / check_collection_name(collection)
@@ -253,7 +262,8 @@ class LocalStorage(ImageStorage):
                 names = os.listdir(folder)
             except FileNotFoundError:
                 return []
-            return sorted(n for n in names if n > after and IMAGE_ID_RE.match(n))[:limit]
+            ids = {n.partition(".")[0] for n in names if n.partition(".")[2] in EXTENSION_STEMS}
+            return sorted(i for i in ids if i > after and IMAGE_ID_RE.match(i))[:limit]
 
         return await self._run("list", scan)
 

@@ -134,7 +134,7 @@ def test_upload_with_a_dead_shard_fails_only_its_items_and_stores_nothing_for_th
         on_dead = [shard_for_id(image_id_for(d), 2) == 1 for d in datas]
         assert any(on_dead) and not all(on_dead)
         for data, dead, result in zip(datas, on_dead, results):
-            stored = (gateway.storage.root / "images" / image_id_for(data)).exists()
+            stored = (gateway.storage.root / "images" / f"{image_id_for(data)}.png").exists()
             if dead:
                 assert isinstance(result.error, Unavailable) and not stored
                 assert "shard-1" in result.error.message and shards[1][2] not in result.error.message
@@ -165,7 +165,7 @@ def test_upload_statuses_per_item(harness):
         again = await gateway.upload("", items[:1], Deadline.after(10))
         assert again[0].error is None and not again[0].created
         stored = sorted(p.name for p in (gateway.storage.root / "images").iterdir())
-        assert stored == [image_id_for(good)]
+        assert stored == [f"{image_id_for(good)}.png"]
 
     harness(scenario, max_image_bytes=4000)
 

@@ -32,14 +32,14 @@ def test_local_upload_search_url_and_delete(client, workdir):
     again = client.upload(datas[:1])[0]
     assert again.id == results[0].id and not again.created
     stored = sorted(p.name for p in (workdir / "images" / "localimgs").iterdir())
-    assert stored == sorted(sha(d) for d in datas)  # one file per distinct image
+    assert stored == sorted(f"{sha(d)}.png" for d in datas)  # one file per distinct image, with its extension
 
     hit = client.search(gpb.QueryPart(image_data=datas[2]), top_k=3).hits[0]
     assert hit.id == sha(datas[2]) and hit.score == pytest.approx(1.0, abs=1e-4)
     assert hit.url.startswith("file://") and http_get(hit.url) == datas[2]
 
     client.DeleteImage(gpb.DeleteImageRequest(id=hit.id))
-    assert not (workdir / "images" / "localimgs" / hit.id).exists()
+    assert not (workdir / "images" / "localimgs" / f"{hit.id}.png").exists()
     assert hit.id not in [h.id for h in client.search(gpb.QueryPart(image_data=datas[2]), top_k=10).hits]
     with pytest.raises(grpc.RpcError) as err:
         client.GetImage(gpb.GetImageRequest(id=hit.id))

@@ -53,6 +53,6 @@ def test_shard_failure_policies(cluster):
     for data, result in zip(fresh, results):
         dead = shard_for_id(sha(data), 2) == 1
         assert (result.status.code == grpc.StatusCode.UNAVAILABLE.value[0]) == dead
-        assert (workdir / "images" / "doomed" / sha(data)).exists() == (not dead)
+        assert (workdir / "images" / "doomed" / f"{sha(data)}.png").exists() == (not dead)
     fail_client.close()
     partial_client.close()

@@ -16,6 +16,10 @@ ACCEPTED_DESCRIPTION = "JPEG, PNG, WebP, BMP or GIF"
 
 FILE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 
+# The extension a stored object of each content type gets.
+EXTENSION_BY_CONTENT_TYPE: dict[str, str] = {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp",
+                                             "image/bmp": ".bmp", "image/gif": ".gif"}
+
 # Leading bytes of each format (WebP, a RIFF container, is checked on its own).
 _MAGIC_BYTES: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "image/jpeg"),
