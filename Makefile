@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test proto demo bench bench-full clean
+.PHONY: venv test test-fast proto demo bench bench-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The edit loop (~15 s on 2 cores): unit and in-process tests only, no service processes.
+# `make test` still runs them all (CI too).
+FAST_TESTS := tests/test_admission.py tests/test_names.py tests/test_paging.py tests/test_status.py \
+	tests/test_image_formats.py tests/test_protos.py tests/test_docs.py tests/test_server_plumbing.py \
+	tests/gateway/test_search_logic.py tests/gateway/test_engine.py tests/gateway/test_auth_unit.py \
+	tests/gateway/test_admission.py tests/gateway/test_settings.py tests/gateway/test_structure.py \
+	tests/gateway/test_shards.py tests/gateway/test_storage.py tests/cli/test_repair_units.py \
+	tests/index/test_inline_search.py tests/encoder/test_engine.py
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(FAST_TESTS)
 
 # Benchmarks (bench/run_all.py): every row with its same-run baseline and ratio, then a
 # summary table; results in bench/results/. Quick: 100k vectors, ~3 min on 2 cores.
