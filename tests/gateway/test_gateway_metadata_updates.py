@@ -128,3 +128,25 @@ def test_pages_stay_stable_while_others_write_and_delete(sdk):
     assert [h.id for h in third] == whole[8:10] + whole[11:]  # the deleted one is left out, nothing else moves
     assert third.next_page_token == "" and all(h.metadata.get("content_type") for h in third)
     assert max(h.score for h in second) <= min(h.score for h in first)  # the scores of the pinned ranking
+
+
+def test_the_readme_sdk_examples_run_against_a_live_gateway(gateway, tmp_path, monkeypatch):
+    import io
+    import re
+    from pathlib import Path
+
+    from PIL import Image
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("\n### Python SDK\n", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 3
+    for seed, name in enumerate(["cat.jpg", "dog.jpg", "sunset.jpg", "query.jpg"]):
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(noise_image(4500 + seed))).convert("RGB").save(buffer, "JPEG")
+        (tmp_path / name).write_bytes(buffer.getvalue())
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block.replace("127.0.0.1:50050", gateway.address), "README.md", "exec"), namespace)
+    assert namespace["results"] and all(r.ok for r in namespace["results"])
