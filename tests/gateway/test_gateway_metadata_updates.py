@@ -150,3 +150,19 @@ def test_the_readme_sdk_examples_run_against_a_live_gateway(gateway, tmp_path, m
     for block in blocks:
         exec(compile(block.replace("127.0.0.1:50050", gateway.address), "README.md", "exec"), namespace)
     assert namespace["results"] and all(r.ok for r in namespace["results"])
+
+
+def test_the_readme_grpcurl_lines_run_where_grpcurl_is_installed(gateway):
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("grpcurl") is None:
+        pytest.skip("grpcurl is not installed")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"### grpcurl\n.*?```bash\n(.*?)```", readme, re.S).group(1)
+    for command in block.replace("\\\n", " ").strip().splitlines():
+        result = subprocess.run(command.replace("127.0.0.1:50050", gateway.address), shell=True,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, command + result.stderr
