@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clipsearch.admission import (
-    BUDGET_EXHAUSTED, DEADLINE_PASSED, DEADLINE_UNMEETABLE, MAX_RETRY_AFTER, MIN_RETRY_AFTER, Admission, ServiceTime,
+    BUDGET_EXHAUSTED, DEADLINE_PASSED, DOWNSTREAM_BUSY, MAX_HOLD_OFF, DEADLINE_UNMEETABLE, MAX_RETRY_AFTER, MIN_RETRY_AFTER, Admission, ServiceTime,
 )
 from clipsearch.errors import ResourceExhausted
 
@@ -131,3 +131,25 @@ def test_observed_times_are_kept_when_not_learning_from_latency(clock):
     with admission.admit("image"):
         clock.now += 5
     assert not admission.service_time("image").measured
+
+
+def test_work_refused_downstream_with_a_hint_holds_off_new_work_until_the_hint_runs_out(clock):
+    admission = Admission("test", clock=clock)
+    with pytest.raises(ResourceExhausted):
+        with admission.admit("search"):
+            raise ResourceExhausted("the encoder is full", retry_after=0.2)
+    assert admission.in_flight_items("search") == 0
+    error = refusal(admission, "search")
+    assert error.reason == DOWNSTREAM_BUSY and error.retry_after == pytest.approx(0.2)
+    clock.now += 0.15
+    assert refusal(admission, "search").retry_after == pytest.approx(0.05)
+    clock.now += 0.06
+    admission.admit("search").release()  # the hint ran out: work goes down again
+    with pytest.raises(ResourceExhausted):
+        with admission.admit("search"):
+            raise ResourceExhausted("a refusal with no hint")
+    admission.admit("search")  # holds nothing off
+    with pytest.raises(ResourceExhausted):
+        with admission.admit("search"):
+            raise ResourceExhausted("a long hint", retry_after=20.0)
+    assert refusal(admission, "search").retry_after == pytest.approx(MAX_HOLD_OFF)

@@ -12,7 +12,10 @@ pixels). It is refused at once when
   estimate follows the machine and the model;
 - its bytes would take the bytes in flight over the budget (``BUDGET_EXHAUSTED``).
   A request alone in an idle service is always admitted, so a large one is
-  never starved.
+  never starved;
+- a service it depends on refused admitted work with a retry hint, and that
+  hint has not run out (``DOWNSTREAM_BUSY``): passing more work down would only
+  be refused there too, after costing a round trip each.
 
 Every refusal is a ``ResourceExhausted`` with a ``retry_after`` hint: the time the
 work ahead needs to drain. Work admitted but found expired before it is computed
@@ -33,12 +36,16 @@ from clipsearch.errors import ResourceExhausted
 DEADLINE_PASSED = "DEADLINE_PASSED"
 DEADLINE_UNMEETABLE = "DEADLINE_UNMEETABLE"
 BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+DOWNSTREAM_BUSY = "DOWNSTREAM_BUSY"
 # Reasons work is dropped after admission, before it is computed.
 DROPPED_EXPIRED = "DEADLINE_PASSED"
 DROPPED_CANCELLED = "CANCELLED"
 
 MIN_RETRY_AFTER = 0.01
 MAX_RETRY_AFTER = 30.0
+# The longest a dependency's hint holds new work off: long enough to spare it the
+# round trips it would refuse, short enough that one wrong hint costs little.
+MAX_HOLD_OFF = 1.0
 
 ADMITTED = Counter("clipsearch_admission_admitted_total", "Requests admitted.", ["service", "kind"])
 REJECTED = Counter("clipsearch_admission_rejected_total", "Requests refused at admission, by reason.",
@@ -93,6 +100,8 @@ class Ticket:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.release(succeeded=exc_type is None)
+        if isinstance(exc, ResourceExhausted) and exc.retry_after:
+            self.admission.hold_off(exc.retry_after)  # refused downstream: pass no more work down for a while
 
 
 class Admission:
@@ -114,6 +123,7 @@ class Admission:
         self.learn_from_latency = learn_from_latency
         self.clock = clock
         self.in_flight_bytes = 0
+        self.busy_until = 0.0  # a dependency asked for no work before then
         self._items: dict[str, int] = {}
         self._times: dict[str, ServiceTime] = {}
 
@@ -151,6 +161,9 @@ class Admission:
         backlog = self.backlog_seconds()
         if expires is not None and expires <= now:
             self._refuse(kind, DEADLINE_PASSED, "the request's deadline passed before it was admitted", None)
+        if now < self.busy_until:
+            self._refuse(kind, DOWNSTREAM_BUSY, f"the {self.service} is overloaded downstream; retry after the "
+                         "hinted delay, or on another replica", self.busy_until - now)
         own = items * self.service_time(kind).per_item
         limit = None if expires is None else expires - now
         if self.max_wait > 0:
@@ -172,6 +185,10 @@ class Admission:
         ADMITTED.labels(self.service, kind).inc()
         self._publish(kind)
         return Ticket(self, kind, items, nbytes, now, concurrent + items)
+
+    def hold_off(self, seconds: float) -> None:
+        """A dependency refused work and asked for none for ``seconds``: refuse new work until then."""
+        self.busy_until = max(self.busy_until, self.clock() + min(seconds, MAX_HOLD_OFF))
 
     def _refuse(self, kind: str, reason: str, message: str, retry_after: float | None) -> None:
         REJECTED.labels(self.service, kind, reason).inc()
