@@ -24,7 +24,10 @@ from gateway.searcher import Searcher
 from gateway.settings import GatewaySettings
 from gateway.shards import Record, ShardSet
 from gateway.storage import ImageStorage, image_deletion_marker, make_storage
-from gateway.types import BatchSearchItem, CollectionDeletion, CollectionInfo, Image, Metadata, SearchRequest, SearchResult, UploadItem, UploadResult
+from gateway.types import (
+    BatchSearchItem, CollectionDeletion, CollectionInfo, Image, Metadata, SearchRequest, SearchResult, UploadItem,
+    UploadResult,
+)
 from gateway.validation import (
     DEFAULT_LIST_PAGE_SIZE, MAX_PAGE_SIZE, check_count, check_image_id, check_upload, clamp_page_size, url_ttl,
 )

@@ -178,7 +178,7 @@ class Ingestor:
                                            field, deadline)
                 embedded = [image_id for image_id in fresh if image_id in vectors]
                 stored = await self._store(name, embedded, prepared, results, deadline)
-                await self._index(name, stored, vectors, prepared, fingerprint, results, deadline)
+                await self._index(name, stored, vectors, prepared, fingerprint, results, field, deadline)
 
         for i, image_id in duplicates:
             original = results[prepared[image_id].position]
@@ -191,9 +191,9 @@ class Ingestor:
 
     async def _indexed(self, name: str, prepared: dict[str, Prepared], results: list[UploadResult],
                        deadline: Deadline) -> dict[str, Record]:
-        """Records (with vectors) of the ids already indexed with the gateway's metadata; ids whose
-        shard failed get its error."""
-        records, unreachable = await self.shards.fetch_each(name, list(prepared), deadline, include_vectors=True)
+        """Records of the ids already indexed with the gateway's metadata; ids whose shard failed
+        get its error."""
+        records, unreachable = await self.shards.fetch_each(name, list(prepared), deadline)
         for image_id, error in unreachable.items():
             if isinstance(error, (NotFound, FailedPrecondition)):
                 self.collections.forget(name)
@@ -204,7 +204,7 @@ class Ingestor:
     async def _merge_metadata(self, name: str, records: dict[str, Record], prepared: dict[str, Prepared],
                               collection, results: list[UploadResult], field: str, deadline: Deadline) -> None:
         """Re-uploaded images: the item's metadata merged into the stored one, written when it changed."""
-        changed: dict[str, Record] = {}
+        changed: dict[str, Metadata] = {}
         for image_id, record in records.items():
             item = prepared[image_id]
             merged = {**record.metadata, **item.metadata}
@@ -215,9 +215,17 @@ class Ingestor:
             except InvalidArgument as error:
                 results[item.position].error = error
                 continue
-            changed[image_id] = Record(image_id, merged, record.vector)
-        errors = await self._rewrite(name, list(changed.values()), collection.model_fingerprint, deadline)
-        for image_id, error in zip(changed, errors):
+            changed[image_id] = merged
+        if not changed:
+            return
+        # Only now the stored vectors, and only of the images whose metadata changed.
+        stored, unreachable = await self.shards.fetch_each(name, list(changed), deadline, include_vectors=True)
+        for image_id, error in unreachable.items():
+            results[prepared[image_id].position].error = error
+        present = [i for i in changed if i in stored]
+        errors = await self._rewrite(name, [Record(i, changed[i], stored[i].vector) for i in present],
+                                     collection.model_fingerprint, deadline)
+        for image_id, error in zip(present, errors):
             results[prepared[image_id].position].error = error
             results[prepared[image_id].position].metadata_updated = error is None
 
@@ -290,7 +298,7 @@ class Ingestor:
         return stored
 
     async def _index(self, name: str, ids: list[str], vectors: dict, prepared: dict[str, Prepared],
-                     fingerprint: str, results: list[UploadResult], deadline: Deadline) -> None:
+                     fingerprint: str, results: list[UploadResult], field: str, deadline: Deadline) -> None:
         if not ids:
             return
         errors = await self.shards.upsert(name, ids, np.stack([vectors[i] for i in ids]),
@@ -304,7 +312,7 @@ class Ingestor:
                 raise error
             elif isinstance(error, InvalidArgument):
                 # Refused (say, the collection's metadata keys are used up): nothing was written.
-                at = f"items[{prepared[image_id].position}].metadata"
+                at = f"{field}[{prepared[image_id].position}].metadata"
                 result.error = InvalidArgument(f"{at} was refused by the index: {error.message}", field=at,
                                                reason=error.reason)
             else:

@@ -6,8 +6,10 @@ order and make them agree again.
   unfinished DeleteImage (its deletion marker says so): then it is removed.
 - An index entry whose object is gone is dropped from the index and reported,
   so its owner can upload the image again.
-- A marker of an image that is both stored and indexed is dropped: the
-  deletion failed before it removed anything, and the image stays.
+- After the walk, a deletion marker of an image both stored and indexed is
+  dropped (the deletion failed before it removed anything; the image stays),
+  and so is one of an image neither stored nor indexed (the deletion finished
+  but for its marker).
 
 The walk goes in windows of ids after a cursor, saved after each window, so
 an interrupted job resumes where it stopped. A dry run counts and changes
@@ -91,12 +93,12 @@ class RepairJobs:
             stored = await self.storage.list_ids(name, saved.cursor, WINDOW)
             upper = stored[-1] if len(stored) == WINDOW else END
             indexed = await self._indexed_ids(name, saved.cursor, upper)
-            markers = {m.rsplit("/", 1)[1] for m in await self.storage.list_markers(image_deletion_marker(name, ""))}
-            await self._window(saved, set(stored), indexed, markers)
+            await self._window(saved, set(stored), indexed)
             if upper == END:
                 break
             saved.cursor = upper
             self.store.save(saved)
+        await self._settle_markers(saved.job)
         saved.cursor = ""
         saved.job.state = JOB_SUCCEEDED
         job = saved.job
@@ -113,13 +115,12 @@ class RepairJobs:
                 return ids
             after = records[-1].id
 
-    async def _window(self, saved: Saved[RepairJob], stored: set[str], indexed: set[str], markers: set[str]) -> None:
+    async def _window(self, saved: Saved[RepairJob], stored: set[str], indexed: set[str]) -> None:
         job, name = saved.job, saved.job.collection
         job.checked += len(stored | indexed)
         # An upload that finished after the storage listing looks dangling: look again before dropping.
         dangling = [i for i in sorted(indexed - stored) if await self.storage.head(name, i) is None]
         orphans = sorted(stored - indexed)
-        settled = sorted(stored & indexed & markers)
         if dangling:
             job.dropped += len(dangling)
             metrics.REPAIRED_IDS.labels("dropped").inc(len(dangling))
@@ -130,7 +131,8 @@ class RepairJobs:
                 log.warning("repair of %r dropped %d index entries whose image was gone: %s", name, len(dangling),
                             ", ".join(dangling[:10]))
         for image_id in orphans:
-            if image_id in markers:
+            # Looked up now, not listed ahead: a deletion that started during the walk must win.
+            if await self.storage.has_marker(image_deletion_marker(name, image_id)):
                 job.removed += 1
                 metrics.REPAIRED_IDS.labels("removed").inc()
                 if not job.dry_run:
@@ -140,9 +142,21 @@ class RepairJobs:
                 metrics.REPAIRED_IDS.labels("reindexed").inc()
                 if not job.dry_run:
                     await self._fixing(job, [image_id], self._reindex(name, image_id))
-        if not job.dry_run:
-            for image_id in settled:
-                await self._fixing(job, [image_id], self.storage.delete_marker(image_deletion_marker(name, image_id)))
+
+    async def _settle_markers(self, job: RepairJob) -> None:
+        """Drops the deletion markers the walk left: of an image both stored and indexed (its
+        deletion failed before it removed anything; the image stays) or neither (the deletion
+        finished but for its marker)."""
+        prefix = image_deletion_marker(job.collection, "")
+        for marker in await self.storage.list_markers(prefix):
+            image_id = marker[len(prefix):]
+            await self._fixing(job, [image_id], self._settle(job, image_id, marker))
+
+    async def _settle(self, job: RepairJob, image_id: str, marker: str) -> None:
+        stored = await self.storage.head(job.collection, image_id) is not None
+        indexed = image_id in await self.shards.fetch(job.collection, [image_id], self._deadline())
+        if stored == indexed and not job.dry_run:
+            await self.storage.delete_marker(marker)
 
     async def _fixing(self, job: RepairJob, ids: list[str], fix) -> None:
         try:

@@ -288,11 +288,12 @@ class LocalStorage(ImageStorage):
 
     async def list_markers(self, prefix: str) -> list[str]:
         control = self.root / CONTROL_PREFIX
+        folder = control / prefix.rpartition("/")[0]  # only the folder the prefix points into
 
         def scan() -> list[str]:
-            if not control.is_dir():
+            if not folder.is_dir():
                 return []
-            found = (p.relative_to(control).as_posix() for p in control.rglob("*") if p.is_file())
+            found = (p.relative_to(control).as_posix() for p in folder.rglob("*") if p.is_file())
             return sorted(name for name in found if name.startswith(prefix))
 
         return await self._run("list_markers", scan)

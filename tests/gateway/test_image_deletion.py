@@ -86,6 +86,9 @@ def test_a_retried_delete_finishes_an_interrupted_one(setup):
 def test_repair_finishes_deletions_and_keeps_images_whose_deletion_never_started(setup):
     client, images, shards = setup
     deleting, orphan, intact = (noise_image(9200 + i) for i in range(3))
+    finished = "f" * 64  # a deletion that finished but for its marker
+    marker(images, finished).parent.mkdir(parents=True, exist_ok=True)
+    marker(images, finished).touch()
     results = client.upload([deleting, orphan, intact])
     assert [r.status.code for r in results] == [0, 0, 0]
     # A deletion interrupted after the vector was dropped, one interrupted right after
@@ -99,7 +102,8 @@ def test_repair_finishes_deletions_and_keeps_images_whose_deletion_never_started
     counted = repair(client, dry_run=True)
     assert counted.state == gpb.REPAIR_STATE_SUCCEEDED
     assert (counted.removed, counted.reindexed, counted.dropped, counted.failed) == (1, 1, 0, 0)
-    assert list((images / COLLECTION).glob(f"{sha(deleting)}*")) and marker(images, sha(intact)).exists()  # unchanged
+    assert list((images / COLLECTION).glob(f"{sha(deleting)}*"))  # unchanged
+    assert marker(images, sha(intact)).exists() and marker(images, finished).exists()
 
     job = repair(client, dry_run=False)
     assert job.state == gpb.REPAIR_STATE_SUCCEEDED
