@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast proto demo bench bench-full clean
+.PHONY: venv test test-fast proto demo bench bench-full bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench: $(STAMP)
 # Full: 1M vectors, ~9 min and ~10 GiB of memory on 2 cores.
 bench-full: $(STAMP)
 	$(PY) -m bench.run_all --full
+
+# clipsearch's index service against Milvus Lite and Chroma (bench/peers.py): 100k x 512,
+# ~10-15 min on 2 cores; the peers install into .venv-peers on first use. Full: --n 500000.
+bench-peers: $(STAMP)
+	$(PY) -m bench.peers
 
 # The one command that generates the Python stubs; tests/test_protos.py runs it too.
 # google/api/*.proto (the google.api.http annotations) come from googleapis-common-protos,
