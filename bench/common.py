@@ -17,9 +17,16 @@ from typing import Any, Callable, Sequence
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+# The 1-minute load average when the benchmark process started (bench.common is imported first).
+LOAD_AT_START = os.getloadavg()[0]
+
+
 def machine() -> dict[str, Any]:
-    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpu_flags": cpu_flags()}
+    """What the figures were measured on: CPU model and vector extensions, the FAISS
+    build's SIMD level, cores, and the 1-minute load average at the start and now."""
+    info = {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "cpu_flags": cpu_flags(),
+            "faiss_simd": faiss_simd(), "load_1min_start": LOAD_AT_START, "load_1min_end": os.getloadavg()[0],
+            "platform": platform.platform(), "python": platform.python_version()}
     try:
         import torch
 
@@ -31,16 +38,51 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def cpu_flags() -> str:
-    """The CPU's vector extensions that FAISS and torch use (AVX2, AVX-512), from /proc/cpuinfo."""
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    """One line naming the machine, for table headers."""
+    info = info or machine()
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    return (f"machine: {info['cpu_model']}, {info['cpus']} cores, {info['cpu_flags']}; FAISS {info['faiss_simd']}"
+            f"{gpu}; load 1-min {info['load_1min_start']:.2f} at start, {info['load_1min_end']:.2f} now")
+
+
+def _cpuinfo_field(name: str) -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
+        return ""
+    return next((line.split(":", 1)[-1].strip() for line in text.splitlines() if line.startswith(name)), "")
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+
+
+def cpu_flags() -> str:
+    """The CPU's vector extensions that FAISS and torch use (AVX2, AVX-512), from /proc/cpuinfo."""
+    flags = set(_cpuinfo_field("flags").split())
+    if not flags:
         return "unknown"
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    flags = set(line.split(":", 1)[-1].split())
-    found = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f")) if flag in flags]
+    found = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 VNNI", "avx512_vnni"))
+             if flag in flags]
     return "+".join(found) or "no AVX2"
+
+
+def faiss_simd() -> str:
+    """The SIMD level of the loaded FAISS library: the level it runs (dynamic dispatch), the
+    loader's module (swigfaiss_avx512, swigfaiss_avx2 or generic) and ``faiss.get_compile_options()``."""
+    try:
+        import faiss
+    except ImportError:
+        return "not installed"
+    import sys
+
+    loaded = sorted(name.rsplit(".", 1)[-1] for name in sys.modules if name.startswith("faiss.swigfaiss"))
+    try:  # dynamic-dispatch builds (compile option DD) pick their level at run time
+        level = f"runs {faiss.SIMDConfig.get_level_name()}; "
+    except AttributeError:
+        level = ""
+    return f"{faiss.__version__} {level}built [{faiss.get_compile_options().strip()}] via {','.join(loaded) or '?'}"
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -72,6 +114,25 @@ def summarize_ms(samples: Sequence[float]) -> dict[str, float]:
     }
 
 
+def split_rounds(samples: Sequence[float], rounds: int) -> list[list[float]]:
+    """``samples`` (taken interleaved with another path's) cut into ``rounds`` consecutive rounds."""
+    size = max(1, len(samples) // rounds)
+    return [list(samples[i * size:(i + 1) * size if i < rounds - 1 else len(samples)]) for i in range(rounds)]
+
+
+def p50_ms_by_round(samples: Sequence[float], rounds: int) -> list[float]:
+    return [percentile(chunk, 50) * 1000 for chunk in split_rounds(samples, rounds)]
+
+
+def compare_rounds(ours: Sequence[float], baseline: Sequence[float]) -> dict[str, Any]:
+    """Ours vs baseline over alternating rounds (one figure per round each): the medians,
+    the median of the per-round ratios, and its spread (min and max across rounds)."""
+    ratios = [o / b if b else float("nan") for o, b in zip(ours, baseline)]
+    return {"ours": statistics.median(ours), "baseline": statistics.median(baseline),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "rounds": len(ratios), "ours_by_round": list(ours), "baseline_by_round": list(baseline)}
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
@@ -80,7 +141,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
     text_rows = [[cell(v) for v in row] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in text_rows)) if text_rows else len(c) for i, c in enumerate(columns)]
-    lines = [f"\n## {title}", "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+    lines = [f"\n## {title}", f"({machine_line()})", "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in text_rows]
     output = "\n".join(lines)

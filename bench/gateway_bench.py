@@ -81,11 +81,13 @@ def start_stack(workdir: Path, model: str, pretrained: str, shards: int, *, coll
 
 
 def measure_upload(gw, enc, encoder_batches: list[list[bytes]], gateway_batches: list[list[bytes]],
-                   warm_batch: list[bytes], collection: str = "") -> tuple[float, float]:
+                   warm_batch: list[bytes], collection: str = "",
+                   per_batch: list[tuple[float, float]] | None = None) -> tuple[float, float]:
     """(encoder EmbedImages images/s, gateway UploadImages images/s): batch by batch,
     interleaved and alternating which goes first, so drift on a shared machine (and
     work left behind by the previous call) hits both alike. One untimed batch each
-    first, so neither side pays for warm-up. Every upload must be new (created)."""
+    first, so neither side pays for warm-up. Every upload must be new (created).
+    ``per_batch`` receives (encoder images/s, gateway images/s) of each pair of batches."""
     def encoder_batch(datas: list[bytes]) -> float:
         started = time.perf_counter()
         enc.EmbedImages(epb.EmbedImagesRequest(images=[epb.ImageInput(data=d) for d in datas]), timeout=600)
@@ -104,11 +106,15 @@ def measure_upload(gw, enc, encoder_batches: list[list[bytes]], gateway_batches:
     encoder_seconds = gateway_seconds = 0.0
     for b, (to_encoder, to_gateway) in enumerate(zip(encoder_batches, gateway_batches)):
         if b % 2:
-            gateway_seconds += gateway_batch(to_gateway)
-            encoder_seconds += encoder_batch(to_encoder)
+            through_gateway = gateway_batch(to_gateway)
+            alone = encoder_batch(to_encoder)
         else:
-            encoder_seconds += encoder_batch(to_encoder)
-            gateway_seconds += gateway_batch(to_gateway)
+            alone = encoder_batch(to_encoder)
+            through_gateway = gateway_batch(to_gateway)
+        encoder_seconds += alone
+        gateway_seconds += through_gateway
+        if per_batch is not None:
+            per_batch.append((len(to_encoder) / alone, len(to_gateway) / through_gateway))
     return (sum(map(len, encoder_batches)) / encoder_seconds, sum(map(len, gateway_batches)) / gateway_seconds)
 
 
@@ -140,7 +146,7 @@ def http_vs_grpc(gateway, collection: str, request: gpb.SearchImagesRequest, cal
                 started = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - started)
-    return {name: summarize_ms(values) for name, values in samples.items()} | {"calls": calls}
+    return {name: summarize_ms(values) for name, values in samples.items()} | {"calls": calls, "samples": samples}
 
 
 def measure(fn, texts: list[str]) -> dict[str, float]:

@@ -4,13 +4,22 @@ search, and memory per vector, for a Flat and an IVF index. Everything is
 measured in one run on this machine.
 
 Data: ``index_service.synthetic.GaussianMixture``, unit vectors around
-sqrt(n) random centres with overlapping, low-intrinsic-dimension noise
-(``--spread 2.0``), so IVF recall depends on nprobe: at 200k x 512 with
-IVF1024, nprobe 1 / 16 / 64 give recall@10 0.27 / 0.75 / 0.96 (see that
-module for the measurements).
+1024 random centres whatever n is (``BENCH_CLUSTERS``) with overlapping,
+low-intrinsic-dimension noise (``--spread 1.5``), so IVF recall depends on
+nprobe (see that module for the measurements). Two query settings over the
+same vectors:
+
+- ``in-distribution``: queries drawn like the data (image-to-image search);
+- ``text-like``: the same kind of queries shifted along one common direction
+  and renormalized (CLIP's modality gap: a text query is less similar to its
+  nearest image than an image is), which needs a larger nprobe.
+
+Each setting has a tuning query set (nprobe is chosen on it) and a held-out
+query set (timed, and scored for recall@10): recall is never reported on
+the queries nprobe was tuned on.
 
 Steps:
-1. Generate n base vectors and the queries; exact top-10 from an in-process
+1. Generate n base vectors and the query sets; exact top-10 from an in-process
    ``IndexFlatIP`` is the ground truth.
 2. Seed the service's data dir in-process with ``IndexEngine`` (bulk upserts of
    50k; the IVF collection is trained explicitly once it holds 40 x nlist
@@ -21,8 +30,10 @@ Steps:
 4. The service (``python -m index_service``) on loopback loads the same data
    dir; one query per ``SearchVectors`` call, sequentially. The two paths
    alternate query by query, so drift on a shared machine hits both alike.
-5. nprobe: the smallest of a sweep reaching recall@10 >= 0.95 in-process
-   (``--nprobe`` fixes it instead).
+5. nprobe: the smallest of a sweep reaching recall@10 >= 0.95 in-process on
+   the tuning queries (``--nprobe`` fixes it instead).
+6. Ratios: the interleaved samples are cut into ``ROUNDS`` consecutive rounds;
+   a row reports the median of the per-round p50 ratios and their min-max.
 
     python -m bench.index_bench                 # 1M x 512, Flat and IVF4096,Flat
     python -m bench.index_bench --n 20000       # tiny: seconds
@@ -31,7 +42,6 @@ Steps:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -43,18 +53,22 @@ import faiss
 import grpc
 import numpy as np
 
-from bench.common import print_table, summarize_ms, write_results
+from bench.common import compare_rounds, p50_ms_by_round, print_table, summarize_ms, write_results
 from clipsearch.index.v1 import index_service_pb2 as pb
 from clipsearch.index.v1 import index_service_pb2_grpc
 from clipsearch.vectors import pack_matrix
 from index_service.engine import IndexEngine
 from index_service.shards import IndexSpec, default_nprobe
-from index_service.synthetic import GaussianMixture
+from index_service.synthetic import BENCH_CLUSTERS, TEXT_QUERY_OFFSET, GaussianMixture
 
 K = 10
 RECALL_TARGET = 0.95
-NPROBE_SWEEP = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+NPROBE_SWEEP = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 UPSERT_BATCH = 50_000
+SPREAD = 1.5
+ROUNDS = 5
+# Query settings: name -> offset along the common direction (0: queries drawn like the data).
+QUERY_SETTINGS = {"in-distribution": 0.0, "text-like": TEXT_QUERY_OFFSET}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,12 +78,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--nlist", type=int, default=0,
                         help="IVF lists (0: 4096, or the largest power of two with 39 x nlist <= n)")
-    parser.add_argument("--nprobe", type=int, default=0, help="0: smallest of a sweep reaching recall@10 >= 0.95")
+    parser.add_argument("--nprobe", type=int, default=0,
+                        help="0: smallest of a sweep reaching recall@10 >= 0.95 on the tuning queries")
     parser.add_argument("--queries", type=int, default=1000,
-                        help="single queries per path for IVF (timed, and scored for recall@10)")
+                        help="held-out single queries per path and setting for IVF (timed, scored for recall@10)")
     parser.add_argument("--flat-queries", type=int, default=200,
                         help="the same for Flat (~0.1 s each at 1M x 512), the first of the IVF ones")
-    parser.add_argument("--spread", type=float, default=2.0, help="noise norm relative to the cluster centre")
+    parser.add_argument("--tune-queries", type=int, default=500, help="queries per setting that nprobe is tuned on")
+    parser.add_argument("--spread", type=float, default=SPREAD, help="noise norm relative to the cluster centre")
     parser.add_argument("--model-fingerprint", default="",
                         help="create the collections with this encoder fingerprint (so a gateway serves them)")
     parser.add_argument("--workdir", default="", help="data dir parent (default: a temp dir, removed after)")
@@ -86,10 +102,15 @@ def choose_nlist(n: int, requested: int) -> int:
     return nlist
 
 
-def make_data(n: int, dim: int, n_queries: int, spread: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
-    """(n base vectors, n_queries query vectors) from one mixture of ~sqrt(n) clusters."""
-    mixture = GaussianMixture(dim, clusters=max(8, int(math.sqrt(n))), spread=spread, seed=0)
-    return mixture.sample(n, seed=1), mixture.sample(n_queries, seed=2)
+def make_data(n: int, dim: int, n_queries: int, n_tune: int = 0, spread: float = SPREAD
+              ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(n base vectors, {setting: (tuning queries, held-out queries)}) from one mixture of
+    ``BENCH_CLUSTERS`` clusters; ``n_tune`` defaults to ``n_queries``."""
+    mixture = GaussianMixture(dim, clusters=BENCH_CLUSTERS, spread=spread, seed=0)
+    queries = {name: (mixture.sample_queries(n_tune or n_queries, seed=10 + 2 * i, offset=offset),
+                      mixture.sample_queries(n_queries, seed=11 + 2 * i, offset=offset))
+               for i, (name, offset) in enumerate(QUERY_SETTINGS.items())}
+    return mixture.sample(n, seed=1), queries
 
 
 def seed_data_dir(data_dir: Path, base: np.ndarray, nlist: int, model_fingerprint: str = "",
@@ -196,18 +217,41 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def measure_through_service(stub, collection: str, index: faiss.Index, queries: np.ndarray, exact: np.ndarray,
+                            nprobe: int) -> dict:
+    """One query per call through gRPC and in-process, interleaved: p50/p99 of each, the ratio
+    over ``ROUNDS`` rounds (median and min-max), and recall@10 of both against ``exact``."""
+    time_in_process(index, queries[:10], nprobe)  # warm up
+    time_grpc(stub, collection, queries[:10], nprobe)
+    (local_samples, local_found), (remote_samples, remote_found) = time_interleaved(
+        index, stub, collection, queries, nprobe)
+    local, remote = summarize_ms(local_samples), summarize_ms(remote_samples)
+    rounds = compare_rounds(p50_ms_by_round(remote_samples, ROUNDS), p50_ms_by_round(local_samples, ROUNDS))
+    overheads = [o - b for o, b in zip(rounds["ours_by_round"], rounds["baseline_by_round"])]
+    return {"nprobe": nprobe or None, "in_process": local, "grpc": remote, "p50_rounds": rounds,
+            "grpc_overhead_p50_ms": remote["p50_ms"] - local["p50_ms"],
+            "grpc_overhead_p50_ms_by_round": overheads,
+            "grpc_overhead_p99_ms": remote["p99_ms"] - local["p99_ms"],
+            "p50_ratio_grpc_vs_in_process": rounds["ratio"],
+            "recall_at_10_grpc": recall_at_k(remote_found, exact),
+            "recall_at_10_in_process": recall_at_k(local_found, exact)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     nlist = choose_nlist(args.n, args.nlist)
     started = time.perf_counter()
-    base, queries = make_data(args.n, args.dim, max(args.queries, args.flat_queries), args.spread)
+    n_report = max(args.queries, args.flat_queries)
+    base, query_sets = make_data(args.n, args.dim, n_report, args.tune_queries, args.spread)
     print(f"generated {args.n} x {args.dim} in {time.perf_counter() - started:.1f}s; nlist={nlist}", flush=True)
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="index-bench-"))
     data_dir = workdir / "index-data"
     shutil.rmtree(data_dir, ignore_errors=True)
     results: dict = {"config": {"n": args.n, "dim": args.dim, "nlist": nlist, "k": K, "spread": args.spread,
-                                "ivf_queries": args.queries, "flat_queries": args.flat_queries}}
+                                "clusters": BENCH_CLUSTERS, "query_offsets": QUERY_SETTINGS,
+                                "ivf_queries": args.queries, "flat_queries": args.flat_queries,
+                                "tune_queries": args.tune_queries, "rounds": ROUNDS}}
     service = None
     try:
         results["build"], files = seed_data_dir(data_dir, base, nlist, args.model_fingerprint)
@@ -216,10 +260,17 @@ def main(argv: list[str] | None = None) -> dict:
         del base
         indexes = {name: faiss.read_index(str(path)) for name, path in files.items()}
         faiss.omp_set_num_threads(os.cpu_count() or 1)  # batch searches for ground truth and the sweep
-        _, exact = indexes["flat"].search(queries, K)
-
-        nprobe, sweep = choose_nprobe(indexes["ivf"], queries, exact, nlist, args.nprobe)
-        results["ivf_nprobe_sweep_recall"] = sweep
+        settings = {}
+        for setting, (tune, report) in query_sets.items():
+            tune_scores, tune_exact = indexes["flat"].search(tune, K)
+            report_scores, report_exact = indexes["flat"].search(report, K)
+            nprobe, sweep = choose_nprobe(indexes["ivf"], tune, tune_exact, nlist, args.nprobe)
+            settings[setting] = {"nprobe": nprobe, "tuning_sweep_recall": sweep, "exact": report_exact,
+                                 "nn_similarity": float(report_scores[:, 0].mean())}
+            print(f"{setting} queries: nearest-neighbour similarity {settings[setting]['nn_similarity']:.3f}; "
+                  f"nprobe {nprobe} tuned on {len(tune)} queries", flush=True)
+        results["settings"] = {name: {k: v for k, v in entry.items() if k != "exact"}
+                               for name, entry in settings.items()}
         results["ivf_default_nprobe"] = default_nprobe(nlist)
 
         from clipsearch.stack import ServiceProcess
@@ -230,36 +281,26 @@ def main(argv: list[str] | None = None) -> dict:
         ], workdir, name="bench-index").start(timeout=1800)
         rss = rss_bytes(service.proc.pid)
         rows = []
+        # (result key, collection, query setting, queries)
+        runs = [("flat", "flat", "in-distribution", args.flat_queries),
+                ("ivf", "ivf", "in-distribution", args.queries), ("ivf_text", "ivf", "text-like", args.queries)]
         with grpc.insecure_channel(service.address) as channel:
             stub = index_service_pb2_grpc.IndexServiceStub(channel)
-            for name in ("flat", "ivf"):
-                index = indexes[name]
-                probe = nprobe if name == "ivf" else 0
-                count = args.flat_queries if name == "flat" else args.queries
-                time_in_process(index, queries[:10], probe)  # warm up
-                time_grpc(stub, name, queries[:10], probe)
-                (local_samples, local_found), (remote_samples, remote_found) = time_interleaved(
-                    index, stub, name, queries[:count], probe)
-                local, remote = summarize_ms(local_samples), summarize_ms(remote_samples)
+            for key, name, setting, count in runs:
+                probe = settings[setting]["nprobe"] if name == "ivf" else 0
+                queries = query_sets[setting][1][:count]
+                entry = measure_through_service(stub, name, indexes[name], queries,
+                                                settings[setting]["exact"][:count], probe)
                 collection = stub.GetCollection(pb.GetCollectionRequest(name=name)).collection
-                entry = {
-                    "index_spec": collection.index_spec,
-                    "nprobe": probe or None,
-                    "in_process": local,
-                    "grpc": remote,
-                    "grpc_overhead_p50_ms": remote["p50_ms"] - local["p50_ms"],
-                    "grpc_overhead_p99_ms": remote["p99_ms"] - local["p99_ms"],
-                    "p50_ratio_grpc_vs_in_process": remote["p50_ms"] / local["p50_ms"],
-                    "recall_at_10_grpc": recall_at_k(remote_found, exact[:count]),
-                    "recall_at_10_in_process": recall_at_k(local_found, exact[:count]),
-                    "index_bytes_per_vector": files[name].stat().st_size / args.n,
-                    "engine_memory_bytes_per_vector": collection.memory_bytes / args.n,
-                }
-                results[name] = entry
-                rows.append([collection.index_spec, probe or "-", entry["recall_at_10_grpc"],
-                             local["p50_ms"], local["p99_ms"], remote["p50_ms"], remote["p99_ms"],
-                             entry["grpc_overhead_p50_ms"], entry["p50_ratio_grpc_vs_in_process"],
-                             entry["index_bytes_per_vector"]])
+                entry.update({"index_spec": collection.index_spec, "queries": setting,
+                              "index_bytes_per_vector": files[name].stat().st_size / args.n,
+                              "engine_memory_bytes_per_vector": collection.memory_bytes / args.n})
+                results[key] = entry
+                spread = entry["p50_rounds"]
+                rows.append([collection.index_spec, setting, probe or "-", entry["recall_at_10_grpc"],
+                             entry["in_process"]["p50_ms"], entry["grpc"]["p50_ms"], entry["grpc"]["p99_ms"],
+                             entry["grpc_overhead_p50_ms"], spread["ratio"],
+                             f"{spread['ratio_min']:.2f}-{spread['ratio_max']:.2f}"])
         results["service_rss_bytes"] = rss
         results["service_rss_bytes_per_vector"] = rss / (2 * args.n)  # both collections are loaded
     finally:
@@ -269,12 +310,15 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
 
     print_table(
-        f"Index search, {args.n} x {args.dim}, one query per call, k={K} (in-process = same FAISS index, 1 thread)",
-        ["index", "nprobe", "recall@10", "in-proc p50 ms", "in-proc p99 ms", "gRPC p50 ms", "gRPC p99 ms",
-         "overhead p50 ms", "gRPC/in-proc p50", "index B/vector"],
+        f"Index search, {args.n} x {args.dim}, one query per call, k={K} (in-process = same FAISS index, 1 thread; "
+        f"held-out queries; ratio = median of {ROUNDS} rounds)",
+        ["index", "queries", "nprobe", "recall@10", "in-proc p50 ms", "gRPC p50 ms", "gRPC p99 ms",
+         "overhead p50 ms", "gRPC/in-proc p50", "min-max"],
         rows,
     )
-    print_table("IVF recall@10 by nprobe (in-process)", ["nprobe", "recall@10"], list(sweep.items()))
+    print_table("IVF recall@10 by nprobe (in-process, tuning queries)", ["nprobe", *settings],
+                [[p, *(settings[s]["tuning_sweep_recall"].get(p, "-") for s in settings)]
+                 for p in sorted({p for s in settings.values() for p in s["tuning_sweep_recall"]})])
     print(f"service RSS {rss / 2**20:.0f} MiB for {2 * args.n} vectors "
           f"({results['service_rss_bytes_per_vector']:.0f} B/vector, both collections)")
     name = "index_bench" if args.n == 1_000_000 else f"index_bench_n{args.n}"

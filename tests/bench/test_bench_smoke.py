@@ -20,8 +20,11 @@ def test_encoder_bench_reports_p3_p4_with_ratios(tmp_path):
         assert finite_positive(results["runtimes"][key]["ratio"]), key
     for key in ("texts_ratio", "images_ratio", "texts_per_s", "images_baseline_per_s"):
         assert finite_positive(results["P3"][key]), key
+    for rounds in (results["P3"]["texts_rounds"], results["P3"]["images_rounds"], results["P4"]["rounds"]):
+        assert rounds["rounds"] >= 3 and rounds["ratio_min"] <= rounds["ratio"] <= rounds["ratio_max"], rounds
     written = json.loads((tmp_path / "encoder-quick.json").read_text())
     assert written["P4"]["trimmed"]["n"] == 10 and written["machine"]["cpus"] >= 1
+    assert written["machine"]["cpu_flags"] and written["machine"]["faiss_simd"]
 
 
 def test_gpu_bench_runs_on_cpu_at_tiny_sizes(tmp_path):
