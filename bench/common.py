@@ -114,6 +114,18 @@ def summarize_ms(samples: Sequence[float]) -> dict[str, float]:
     }
 
 
+def alternate(rounds: int, *measures: Callable[[int], Any]) -> list[list[Any]]:
+    """Runs every one of ``measures`` once per round (passing the round number), in reverse
+    order every other round, so drift on a shared machine hits each alike; their results
+    per measure, round by round."""
+    results: list[list[Any]] = [[] for _ in measures]
+    for r in range(rounds):
+        order = list(enumerate(measures))
+        for i, measure in (order if r % 2 == 0 else order[::-1]):
+            results[i].append(measure(r))
+    return results
+
+
 def split_rounds(samples: Sequence[float], rounds: int) -> list[list[float]]:
     """``samples`` (taken interleaved with another path's) cut into ``rounds`` consecutive rounds."""
     size = max(1, len(samples) // rounds)
@@ -141,7 +153,8 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
     text_rows = [[cell(v) for v in row] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in text_rows)) if text_rows else len(c) for i, c in enumerate(columns)]
-    lines = [f"\n## {title}", f"({machine_line()})", "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+    lines = [f"\n## {title}", f"({machine_line()})",
+             "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in text_rows]
     output = "\n".join(lines)

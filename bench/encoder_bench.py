@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import compare_rounds, p50_ms_by_round, print_table, summarize_ms, time_calls, write_results
+from bench.common import (alternate, compare_rounds, p50_ms_by_round, print_table, summarize_ms, time_calls,
+                          write_results)
 from clipsearch.encoder.v1 import encoder_service_pb2 as pb
 from clipsearch.encoder.v1 import encoder_service_pb2_grpc
 from encoder_service.engine import EncoderConfig
@@ -110,8 +111,9 @@ def run_runtimes(torch_model, onnx_model, repeats: int, image_batch: int = 32) -
     image_rounds = compare_rounds([image_batch / t for t in images["onnx"]], [image_batch / t for t in images["torch"]])
     return {"text_query": {"onnx": summarize_ms(one["onnx"]), "torch": summarize_ms(one["torch"]),
                            "ratio": text_rounds["ratio"], "rounds": text_rounds, "target": 0.5},
-            "images": {"batch": image_batch, "onnx_per_s": image_rounds["ours"], "torch_per_s": image_rounds["baseline"],
-                       "ratio": image_rounds["ratio"], "rounds": image_rounds, "target": 1.3},
+            "images": {"batch": image_batch, "onnx_per_s": image_rounds["ours"],
+                       "torch_per_s": image_rounds["baseline"], "ratio": image_rounds["ratio"],
+                       "rounds": image_rounds, "target": 1.3},
             "threads": onnx_model.onnx.threads}
 
 
@@ -155,7 +157,6 @@ def run(args) -> dict:
 
     batched_texts()  # warm up
     batched_images()
-    rates: dict[str, list[float]] = {"texts": [], "texts_baseline": [], "images": [], "images_baseline": []}
     with tempfile.TemporaryDirectory() as tmp:
         encoder = start_encoder(args.model, args.pretrained, Path(tmp))
         try:
@@ -164,23 +165,24 @@ def run(args) -> dict:
             served = time_calls(lambda: stub.EmbedTexts(pb.EmbedTextsRequest(texts=[QUERY])), repeats)
             channel.close()
 
-            def service_texts() -> float:
+            def service_texts(_round: int) -> float:
                 return asyncio.run(concurrent_throughput(
                     encoder.address, lambda t: pb.EmbedTextsRequest(texts=[t]), "EmbedTexts", texts, args.clients))
 
-            def service_images() -> float:
+            def service_images(_round: int) -> float:
                 return asyncio.run(concurrent_throughput(
                     encoder.address, lambda d: pb.EmbedImagesRequest(images=[pb.ImageInput(data=d)]), "EmbedImages",
                     images, args.clients))
 
+            def baseline_texts(_round: int) -> float:
+                return n_texts / time_calls(batched_texts, 1, warmup=0)[0]
+
+            def baseline_images(_round: int) -> float:
+                return n_images / time_calls(batched_images, 1, warmup=0)[0]
+
             # Alternating rounds: the service and the in-process baseline take turns going first.
-            for r in range(ROUNDS):
-                turns = [("texts", service_texts), ("texts_baseline", lambda: n_texts / time_calls(batched_texts, 1, 0)[0])]
-                turns += [("images", service_images),
-                          ("images_baseline", lambda: n_images / time_calls(batched_images, 1, 0)[0])]
-                for first, second in ((turns[0], turns[1]), (turns[2], turns[3])):
-                    for name, measure in ((first, second) if r % 2 == 0 else (second, first)):
-                        rates[name].append(measure())
+            texts_rounds = compare_rounds(*alternate(ROUNDS, service_texts, baseline_texts))
+            images_rounds = compare_rounds(*alternate(ROUNDS, service_images, baseline_images))
         finally:
             encoder.terminate()
     pool.shutdown()
@@ -189,8 +191,6 @@ def run(args) -> dict:
         "through_service": summarize_ms(served), "model_call": runtimes["text_query"]["onnx"],
         "overhead_ms": summarize_ms(served)["p50_ms"] - runtimes["text_query"]["onnx"]["p50_ms"],
     }
-    texts_rounds = compare_rounds(rates["texts"], rates["texts_baseline"])
-    images_rounds = compare_rounds(rates["images"], rates["images_baseline"])
     text_rate, base_text_rate = texts_rounds["ours"], texts_rounds["baseline"]
     image_rate, base_image_rate = images_rounds["ours"], images_rounds["baseline"]
     results["P3"] = {

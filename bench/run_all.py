@@ -61,7 +61,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bench import encoder_bench, gateway_bench, index_bench, overload
-from bench.common import (RESULTS_DIR, compare_rounds, machine, machine_line, percentile, print_table,
+from bench.common import (RESULTS_DIR, alternate, compare_rounds, machine, machine_line, percentile, print_table,
                           split_rounds, summarize_ms, write_results)
 
 
@@ -322,23 +322,24 @@ def run_p1(mode: Mode, model, p2: dict, workdir: Path) -> tuple[list[dict], dict
 
         clients = mode.p1_clients
         texts = [query_text(i, "q8") for i in range(mode.p1_concurrent_queries)]
+        round_texts = split_rounds(texts, ROUNDS)
+
+        def through_gateway_concurrent(r: int) -> tuple[list[float], float]:
+            return asyncio.run(_gateway_concurrent(gateway.address, _p1_requests(round_texts[r], nprobe), clients))
+
+        def in_process_batched(r: int) -> tuple[list[float], float]:
+            return _baseline_concurrent(model, index, round_texts[r], clients, nprobe)
+
         # Alternating rounds: the gateway and the in-process batches take turns going first.
-        rounds: dict[str, list] = {"gateway": [], "in_process_batched": [], "gateway_qps": [], "in_process_qps": []}
-        for r, round_texts in enumerate(split_rounds(texts, ROUNDS)):
-            for path in (("gateway", "in_process_batched") if r % 2 else ("in_process_batched", "gateway")):
-                if path == "gateway":
-                    samples, wall = asyncio.run(_gateway_concurrent(gateway.address, _p1_requests(round_texts, nprobe),
-                                                                    clients))
-                else:
-                    samples, wall = _baseline_concurrent(model, index, round_texts, clients, nprobe)
-                rounds[path].append(samples)
-                rounds[path.replace("_batched", "") + "_qps"].append(len(round_texts) / wall)
-        many = {"gateway": summarize_ms(sum(rounds["gateway"], [])),
-                "in_process_batched": summarize_ms(sum(rounds["in_process_batched"], [])),
-                "gateway_qps": float(np.median(rounds["gateway_qps"])),
-                "in_process_qps": float(np.median(rounds["in_process_qps"])),
-                "by_round": {q: compare_rounds([percentile(x, q) * 1000 for x in rounds["gateway"]],
-                                               [percentile(x, q) * 1000 for x in rounds["in_process_batched"]])
+        ours_rounds, base_rounds = alternate(ROUNDS, through_gateway_concurrent, in_process_batched)
+        qps = {name: [len(chunk) / wall for chunk, (_, wall) in zip(round_texts, measured)]
+               for name, measured in (("gateway_qps", ours_rounds), ("in_process_qps", base_rounds))}
+        many = {"gateway": summarize_ms([x for samples, _ in ours_rounds for x in samples]),
+                "in_process_batched": summarize_ms([x for samples, _ in base_rounds for x in samples]),
+                "gateway_qps": float(np.median(qps["gateway_qps"])),
+                "in_process_qps": float(np.median(qps["in_process_qps"])),
+                "by_round": {q: compare_rounds([percentile(samples, q) * 1000 for samples, _ in ours_rounds],
+                                               [percentile(samples, q) * 1000 for samples, _ in base_rounds])
                              for q in (50, 99)}}
         one["by_round"] = {label: {q: compare_rounds(by_round(samples, q), by_round(base, q)) for q in (50, 99)}
                            for label, samples in (("gateway", ours), ("gateway_without_metadata", lean))}
@@ -351,7 +352,8 @@ def run_p1(mode: Mode, model, p2: dict, workdir: Path) -> tuple[list[dict], dict
         for channel in channels:
             channel.close()
     details = {"n": mode.n, "index_spec": p2["ivf"]["index_spec"], "nprobe": nprobe,
-               "recall_at_10_text_like": p2["ivf_text"]["recall_at_10_grpc"], "model": mode.model, "pretrained": PRETRAINED,
+               "recall_at_10_text_like": p2["ivf_text"]["recall_at_10_grpc"], "model": mode.model,
+               "pretrained": PRETRAINED,
                "shards": 1, "one_client": one, f"{clients}_clients": many, "batch_search": batched}
     where = f"{mode.n:,} vectors {p2['ivf']['index_spec']} nprobe {nprobe} (tuned for text-like queries)"
     rows = []
@@ -377,28 +379,23 @@ def batch_search_figures(stub, nprobe: int) -> dict:
     other fresh texts as sequential SearchImages calls; rounds alternate which goes first."""
     from clipsearch.gateway.v1 import gateway_service_pb2 as gpb
 
-    batch, sequential = [], []
-
-    def run_sequential(r: int) -> None:
+    def sequential_qps(r: int) -> float:
         requests = _p1_requests([query_text(i, f"seq{r}") for i in range(BATCH_QUERIES)], nprobe)
         started = time.perf_counter()
         for request in requests:
             assert len(stub.SearchImages(request, timeout=120).hits) == TOP_K
-        sequential.append(time.perf_counter() - started)
+        return BATCH_QUERIES / (time.perf_counter() - started)
 
-    def run_batch(r: int) -> None:
+    def batch_qps(r: int) -> float:
         queries = _p1_requests([query_text(i, f"batch{r}") for i in range(BATCH_QUERIES)], nprobe)
         started = time.perf_counter()
         response = stub.BatchSearchImages(gpb.BatchSearchImagesRequest(queries=queries), timeout=120)
-        batch.append(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
         assert all(len(result.hits) == TOP_K for result in response.results), response.results[0].status
+        return BATCH_QUERIES / elapsed
 
-    for r in range(BATCH_ROUNDS):
-        for run in ((run_sequential, run_batch) if r % 2 == 0 else (run_batch, run_sequential)):
-            run(r)
-    return {"queries": BATCH_QUERIES, "batch_qps_by_round": [BATCH_QUERIES / t for t in batch],
-            "sequential_qps_by_round": [BATCH_QUERIES / t for t in sequential], "batch_s": batch,
-            "sequential_s": sequential}
+    sequential, batch = alternate(BATCH_ROUNDS, sequential_qps, batch_qps)
+    return {"queries": BATCH_QUERIES, "batch_qps_by_round": batch, "sequential_qps_by_round": sequential}
 
 
 def gateway_figures(address: str, nprobe: int, tag: str, queries: int, concurrent: int, clients: int) -> dict:
@@ -442,12 +439,10 @@ def run_p1_runtimes(mode: Mode, stack, nprobe: int, workdir: Path) -> tuple[list
         clients = mode.p1_clients
         queries = max(2, mode.p1_queries // 2 // BATCH_ROUNDS)
         concurrent = max(clients, mode.p1_concurrent_queries // 2 // BATCH_ROUNDS)
-        figures: dict[str, list[dict]] = {"onnx": [], "torch": []}
-        for r in range(BATCH_ROUNDS):
-            for runtime in (("onnx", "torch") if r % 2 == 0 else ("torch", "onnx")):
-                address = gateway.address if runtime == "onnx" else torch_gateway.address
-                figures[runtime].append(gateway_figures(address, nprobe, f"rt-{runtime}-{r}", queries, concurrent,
-                                                        clients))
+        figures = dict(zip(("onnx", "torch"), alternate(
+            BATCH_ROUNDS,
+            lambda r: gateway_figures(gateway.address, nprobe, f"rt-onnx-{r}", queries, concurrent, clients),
+            lambda r: gateway_figures(torch_gateway.address, nprobe, f"rt-torch-{r}", queries, concurrent, clients))))
     finally:
         for child in reversed(started):
             child.terminate(30)
