@@ -260,12 +260,13 @@ class IndexEngine:
         name: str,
         dim: int,
         metric: str = "ip",
-        index_spec: str = "Flat",
+        index_spec: str = "",
         num_shards: int = 1,
         model_fingerprint: str = "",
     ) -> CollectionInfo:
         """Creates an empty collection. ``metric`` is "ip" (inner product) or "l2"
-        (score = -squared distance); ``index_spec`` is a FAISS factory string."""
+        (score = -squared distance); ``index_spec`` is a FAISS factory string, with optional
+        HNSW parameters (``HNSW32,efConstruction=80``); empty means ``shards.DEFAULT_INDEX_SPEC``."""
         store = self._store()
         check_collection_name(name, field="name")
         if not 1 <= dim <= MAX_DIM:

@@ -90,7 +90,7 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
     async def CreateCollection(self, request, context):
         info = await asyncio.to_thread(
             self.engine.create_collection, request.name, request.dim, METRIC_NAMES.get(request.metric, "?"),
-            request.index_spec or "Flat", request.num_shards or 1, request.model_fingerprint,
+            request.index_spec, request.num_shards or 1, request.model_fingerprint,
         )
         return pb.CreateCollectionResponse(collection=collection_to_proto(info))
 

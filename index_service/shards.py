@@ -15,6 +15,10 @@ Families:
   cannot remove, so retired ids stay in the graph as tombstones that a
   selector excludes, and the collection rebuilds the graph when too many pile
   up. Selective filters are answered exactly over the matching vectors.
+  The spec may end in build and search parameters:
+  ``HNSW32,efConstruction=80,efSearch=128`` (``efC``/``efS`` for short).
+
+An empty spec means ``DEFAULT_INDEX_SPEC``.
 
 Before a trainable index (IVF, PQ, SQ) is trained, each shard is a "staging"
 exact ``IDMap2,Flat`` index, so search is exact at any size.
@@ -32,15 +36,23 @@ import numpy as np
 
 from clipsearch.errors import InvalidArgument
 
-EXAMPLE_SPECS = ("Flat", "IVF1024,Flat", "IVF4096,PQ64", "IVF1024,SQ8", "HNSW32", "HNSW32,SQ8", "PQ64", "SQ8")
+EXAMPLE_SPECS = ("Flat", "IVF1024,Flat", "IVF4096,PQ64", "IVF1024,SQ8", "HNSW32",
+                 "HNSW32,efConstruction=80,efSearch=128", "HNSW32,SQ8", "PQ64", "SQ8")
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 # Filtered HNSW searches that match at most this many vectors in a shard are
 # answered exactly over those vectors: cheaper and exact, where graph search
 # through mostly-excluded nodes would both be slow and return short lists.
 HNSW_EXACT_FILTER_MAX = 20_000
+# The index of a collection created without a spec, and the HNSW search and build
+# defaults (a spec's efSearch=/efConstruction= override them); see README "Choosing an index".
+DEFAULT_INDEX_SPEC = "HNSW32"
 HNSW_DEFAULT_EF = 64
+HNSW_DEFAULT_EF_CONSTRUCTION = 40
 HNSW_MAX_EF = 4096
+# Parameters a spec may end in ("name=value"), by lower-case name and short alias.
+HNSW_PARAMETERS = {"efconstruction": "efConstruction", "efc": "efConstruction",
+                   "efsearch": "efSearch", "efs": "efSearch"}
 # Reconstruct and scan at most this many vectors at a time in exact fallbacks.
 _EXACT_CHUNK = 65536
 # Multiply-adds per second of one FAISS search thread, for telling cheap searches from
@@ -60,9 +72,9 @@ def default_nprobe(nlist: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class IndexSpec:
-    """A validated FAISS factory spec for one collection."""
+    """A validated FAISS factory spec for one collection, with its HNSW parameters."""
 
-    spec: str
+    spec: str  # as stored with the collection: the factory string, then any parameters
     dim: int
     metric: str  # "ip" or "l2"
     family: str  # "exhaustive", "ivf" or "hnsw"
@@ -72,19 +84,23 @@ class IndexSpec:
     min_train_vectors: int
     # Auto-training starts once a collection holds this many vectors.
     auto_train_vectors: int
+    factory: str = ""  # the FAISS index_factory string (the spec without parameters)
+    ef_search: int = 0  # HNSW: efSearch of a search that asks for none
+    ef_construction: int = 0  # HNSW: candidate list size while adding vectors
 
     @classmethod
     def parse(cls, spec: str, dim: int, metric: str) -> "IndexSpec":
-        spec = spec.strip() or "Flat"
+        spec = spec.strip() or DEFAULT_INDEX_SPEC
         examples = ", ".join(EXAMPLE_SPECS)
-        if re.search(r"(^|,)\s*(IDMap|OPQ|PCA|RR|L2norm|Pad)", spec, re.IGNORECASE):
+        factory, parameters = _split_parameters(spec)
+        if re.search(r"(^|,)\s*(IDMap|OPQ|PCA|RR|L2norm|Pad)", factory, re.IGNORECASE):
             raise InvalidArgument(
                 f"index_spec {spec!r}: id maps and pre-transforms are not supported (ids are managed by the "
                 f"service); use one of: {examples}",
                 field="index_spec",
             )
         try:
-            index = faiss.index_factory(dim, spec, METRICS[metric])
+            index = faiss.index_factory(dim, factory, METRICS[metric])
         except RuntimeError as exc:
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "not a FAISS factory string"
             raise InvalidArgument(
@@ -102,10 +118,18 @@ class IndexSpec:
                 f"index_spec {spec!r} builds a {type(index).__name__}, which is not supported; use one of: {examples}",
                 field="index_spec",
             )
+        if parameters and family != "hnsw":
+            raise InvalidArgument(
+                f"index_spec {spec!r}: {factory!r} takes no parameters ({' and '.join(parameters)} "
+                f"{'are' if len(parameters) > 1 else 'is'} for HNSW indexes only); remove them, or use an HNSW "
+                f"spec such as 'HNSW32,efConstruction=80,efSearch=128'",
+                field="index_spec",
+            )
         codebook_size = _codebook_size(index)
         min_train = max(nlist, codebook_size, 1) if not index.is_trained else 0
+        hnsw = family == "hnsw"
         return cls(
-            spec=spec,
+            spec=",".join([factory, *(f"{name}={value}" for name, value in parameters.items())]),
             dim=dim,
             metric=metric,
             family=family,
@@ -113,6 +137,9 @@ class IndexSpec:
             nlist=nlist,
             min_train_vectors=min_train,
             auto_train_vectors=max(1000, 39 * min_train) if min_train else 0,
+            factory=factory,
+            ef_search=parameters.get("efSearch", HNSW_DEFAULT_EF) if hnsw else 0,
+            ef_construction=parameters.get("efConstruction", HNSW_DEFAULT_EF_CONSTRUCTION) if hnsw else 0,
         )
 
     @property
@@ -122,11 +149,14 @@ class IndexSpec:
     @functools.cached_property
     def index_type(self) -> str:
         """A short label for metrics: flat, ivf_flat, ivf_pq, hnsw, hnsw_sq, ..."""
-        return re.sub(r"\d+", "", self.spec).lower().replace(",", "_")
+        return re.sub(r"\d+", "", self.factory).lower().replace(",", "_")
 
     def empty_index(self) -> faiss.Index:
         """A fresh, untrained index built from the spec, ready for ``add_with_ids`` once trained."""
-        index = faiss.index_factory(self.dim, self.spec, self.faiss_metric)
+        index = faiss.index_factory(self.dim, self.factory, self.faiss_metric)
+        if self.family == "hnsw":
+            index.hnsw.efConstruction = self.ef_construction
+            index.hnsw.efSearch = self.ef_search
         # Polysemous training reorders PQ codes for Hamming pre-filtering, which searches here never use,
         # and costs seconds even on tiny training sets.
         for part in (index, faiss.downcast_index(index.storage) if isinstance(index, faiss.IndexHNSW) else None):
@@ -158,6 +188,33 @@ class IndexSpec:
         if self.needs_training:
             return Shard(self.staging_index(), self, trained=False)
         return self.shard_from_template(self.empty_index())
+
+
+def _split_parameters(spec: str) -> tuple[str, dict[str, int]]:
+    """("HNSW32", {"efConstruction": 80}) from "HNSW32,efC=80": the factory string and
+    the trailing ``name=value`` parameters, by their canonical names."""
+    parts = spec.split(",")
+    first = next((i for i, part in enumerate(parts) if "=" in part), len(parts))
+    factory, parameters = ",".join(parts[:first]).strip(), {}
+    usage = ("parameters come last, as name=value: HNSW specs take efConstruction=N and efSearch=N, "
+             "e.g. 'HNSW32,efConstruction=80,efSearch=128'")
+    for part in parts[first:]:
+        name, _, value = (piece.strip() for piece in part.partition("="))
+        canonical = HNSW_PARAMETERS.get(name.lower())
+        if "=" not in part or canonical is None:
+            raise InvalidArgument(f"index_spec {spec!r}: {part.strip()!r} is not a parameter; {usage}",
+                                  field="index_spec")
+        if canonical in parameters:
+            raise InvalidArgument(f"index_spec {spec!r} sets {canonical} twice", field="index_spec")
+        if not (value.isdigit() and 1 <= int(value) <= HNSW_MAX_EF):
+            raise InvalidArgument(
+                f"index_spec {spec!r}: {canonical} must be a whole number from 1 to {HNSW_MAX_EF}, got {value!r}",
+                field="index_spec",
+            )
+        parameters[canonical] = int(value)
+    if parameters and not factory:
+        raise InvalidArgument(f"index_spec {spec!r} has parameters but no index; {usage}", field="index_spec")
+    return factory, parameters
 
 
 def _codebook_size(index: faiss.Index) -> int:
@@ -223,7 +280,7 @@ class Shard:
             probe = min(nlist, nprobe or default_nprobe(nlist))
             macs = nlist * dim + probe * (ntotal / nlist * per_code + tables)
         elif self.family == "hnsw":
-            macs = max(ef_search or HNSW_DEFAULT_EF, k) * 64 * per_code  # ~2M neighbours per visited node
+            macs = max(ef_search or self.spec.ef_search, k) * 64 * per_code  # ~2M neighbours per visited node
         else:
             macs = ntotal * per_code + tables
         return n_queries * macs / SEARCH_MACS_PER_SECOND
@@ -283,7 +340,7 @@ class Shard:
         return params
 
     def _search_hnsw(self, queries, k, selection, ef_search):
-        ef = max(ef_search or HNSW_DEFAULT_EF, k)
+        ef = max(ef_search or self.spec.ef_search, k)
         if selection is None:
             return self.index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=ef))
         if selection.count <= HNSW_EXACT_FILTER_MAX:

@@ -117,7 +117,7 @@ def test_bad_input_gets_its_status_and_nothing_is_stored(start_index):
 def test_health_reflection_and_metrics(start_index):
     index = start_index()
     stub = index.stub
-    stub.CreateCollection(pb.CreateCollectionRequest(name="m", dim=DIM, num_shards=2))
+    stub.CreateCollection(pb.CreateCollectionRequest(name="m", dim=DIM, index_spec="Flat", num_shards=2))
     stub.UpsertVectors(upsert_request("m", ["a", "b", "c"], unit_rows(3)))
     hits = stub.SearchVectors(search_request("m", unit_rows(2), k=2)).results
     assert [len(r.hits) for r in hits] == [2, 2]
