@@ -3,7 +3,7 @@
 Engine errors (``clipsearch.errors``) become gRPC statuses in the shared
 interceptor, so there is no error handling here. Engine calls run in worker
 threads so the event loop keeps serving while FAISS and SQLite work; the one
-exception is a cheap search (see ``IndexServicer.search_inline``).
+exception is a lone, cheap search (see ``IndexServicer.search_inline``).
 """
 
 from __future__ import annotations
@@ -65,19 +65,21 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
     def __init__(self, engine: IndexEngine, inline_search_max_ms: float = 0.0):
         self.engine = engine
         self.inline_search_max_seconds = inline_search_max_ms / 1000
-        self._threaded_searches = 0  # searches running on worker threads now (event loop only)
+        self._searches_in_flight = 0  # SearchVectors calls being handled now (event loop only)
 
     def search_inline(self, request: pb.SearchVectorsRequest, n_queries: int) -> bool:
         """Whether to run this search on the event loop rather than a worker thread.
 
-        Handing a call to a worker thread and back costs ~0.1 ms of thread wake-ups,
-        as much as a small FAISS search itself. So a search runs inline when it
-        reads nothing but memory (no filter, no metadata or vectors from the store),
-        its estimated time is at most ``inline_search_max_ms``, and no search is
-        running on a worker thread (so heavy concurrent searches still spread over
-        the cores). The engine raises ``WouldBlock`` rather than wait for a write.
+        Handing a call to a worker thread and back takes two thread wake-ups and
+        ~0.3-0.5 ms of CPU on a 2-vCPU VM, more than a small FAISS search itself, and
+        each wake-up waits for a free vCPU on a busy machine. So a search runs inline
+        when it reads nothing but memory (no filter, no metadata or vectors from the
+        store), its estimated time is at most ``inline_search_max_ms``, and it is the
+        only search in flight (concurrent searches go to worker threads, so they
+        spread over the cores). The engine raises ``WouldBlock`` rather than wait for
+        a write.
         """
-        if (self.inline_search_max_seconds <= 0 or self._threaded_searches or request.filter.conditions
+        if (self.inline_search_max_seconds <= 0 or self._searches_in_flight > 1 or request.filter.conditions
                 or request.include_metadata or request.include_vectors):
             return False
         try:
@@ -123,17 +125,18 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
         args = (request.collection, queries, request.k, conditions_from_proto(request.filter),
                 request.params.nprobe, request.params.ef_search, request.include_metadata, request.include_vectors)
         results = None
-        if self.search_inline(request, len(queries)):
-            try:
-                results = self.engine.search(*args, wait=False)
-            except WouldBlock:
-                pass
-        if results is None:
-            self._threaded_searches += 1
-            try:
+        self._searches_in_flight += 1
+        try:
+            await asyncio.sleep(0)  # searches that arrived with this one get to count themselves in
+            if self.search_inline(request, len(queries)):
+                try:
+                    results = self.engine.search(*args, wait=False)
+                except WouldBlock:
+                    pass
+            if results is None:
                 results = await asyncio.to_thread(self.engine.search, *args)
-            finally:
-                self._threaded_searches -= 1
+        finally:
+            self._searches_in_flight -= 1
         return pb.SearchVectorsResponse(results=[
             pb.QueryResult(hits=[
                 pb.Hit(

@@ -81,7 +81,7 @@ def test_servicer_searches_inline_only_when_cheap_unfiltered_and_alone(open_engi
     assert not servicer.search_inline(pb.SearchVectorsRequest(collection="nope", k=5), 1)
     assert not servicer.search_inline(request(), 10_000)  # too expensive
     assert not IndexServicer(engine, inline_search_max_ms=0).search_inline(request(), 1)
-    servicer._threaded_searches = 1  # a search is running on a worker thread
+    servicer._searches_in_flight = 2  # another search is being handled
     assert not servicer.search_inline(request(), 1)
 
 
@@ -110,4 +110,4 @@ def test_servicer_falls_back_to_a_thread_when_a_write_is_being_applied(open_engi
     assert time.perf_counter() - started >= 0.15  # it waited for the write, on a worker thread
     assert waited == inline
     assert [hit.id for hit in waited.results[0].hits][0] == "id0"
-    assert servicer._threaded_searches == 0
+    assert servicer._searches_in_flight == 0
