@@ -31,3 +31,15 @@ BUILD_SECONDS = Histogram(
     ["index_type"],
     buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
+MEMORY_BYTES = Gauge(
+    "clipsearch_index_memory_bytes",
+    "Memory a collection holds on this process, by part: faiss (the indexes of every in-process shard), "
+    "id_maps (string ids <-> internal ids), filter_columns (the metadata that filters read). Computed on scrape.",
+    ["collection", "part"],
+)
+PROCESS_MEMORY_BYTES = Gauge(
+    "clipsearch_index_process_memory_bytes",
+    "Memory of the whole index process, by part: rss (resident set), store_cache (SQLite's page caches "
+    "and statements). Computed on scrape.",
+    ["part"],
+)
