@@ -52,7 +52,15 @@ from clipsearch.paging import clamp_page_size
 from index_service.backup import S3Backup
 from index_service.collection import MANIFEST, Collection, WouldBlock
 from index_service.filters import FilterSpec, parse_filter
-from index_service.metrics import BUILD_SECONDS, SEARCH_SECONDS, SNAPSHOT_AGE_SECONDS, VECTORS
+from index_service.memory import compact_inverted_lists, process_rss_bytes, release_freed_heap, store_cache_bytes
+from index_service.metrics import (
+    BUILD_SECONDS,
+    MEMORY_BYTES,
+    PROCESS_MEMORY_BYTES,
+    SEARCH_SECONDS,
+    SNAPSHOT_AGE_SECONDS,
+    VECTORS,
+)
 from index_service.shards import IndexSpec
 from index_service.store import CollectionRecord, Store, StoredRow
 
@@ -70,6 +78,11 @@ MAX_PAGE_SIZE = 1000
 MAX_PAGE_METADATA_BYTES = 16 * 1024 * 1024
 # k-means training sample: this many points per centroid (FAISS warns below 39).
 TRAIN_POINTS_PER_CENTROID = 40
+# Upserts give freed heap back to the OS once this many vector bytes have been written
+# (``_count_written_bytes``).
+TRIM_AFTER_WRITTEN_BYTES = 64 << 20
+# Parts of clipsearch_index_memory_bytes (see Collection.memory_parts).
+MEMORY_PARTS = ("faiss", "id_maps", "filter_columns")
 
 
 @dataclasses.dataclass
@@ -152,6 +165,8 @@ class IndexEngine:
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None
         self._builds: list[threading.Thread] = []
+        self._trim_lock = threading.Lock()
+        self._written_since_trim = 0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -178,6 +193,9 @@ class IndexEngine:
             self._collections[record.name] = collection
             self._export_metrics(collection)
         self.store = store
+        release_freed_heap()  # what loading read from the store and the snapshots
+        PROCESS_MEMORY_BYTES.labels("rss").set_function(process_rss_bytes)
+        PROCESS_MEMORY_BYTES.labels("store_cache").set_function(store_cache_bytes)
         for collection in self._collections.values():
             self._maybe_start_build(collection)
         if self.snapshot_interval_seconds > 0:
@@ -236,7 +254,7 @@ class IndexEngine:
             source = "store"
             _, ids, vectors = store.live_vectors(record.uid, record.dim)
             shards = collection.build_shards(ids, vectors, template=None)
-        collection.swap_shards(shards)
+        collection.swap_shards(shards, compacted=snapshot is not None)  # read_index sizes lists exactly
         log.info("collection %s: loaded %d vectors from %s in %.2fs (trained=%s)", record.name,
                  collection.count, source, time.perf_counter() - started, collection.trained)
         return collection
@@ -316,6 +334,8 @@ class IndexEngine:
         for shard_no in range(collection.num_shards):
             _remove_metric(VECTORS, name, str(shard_no))
         _remove_metric(SNAPSHOT_AGE_SECONDS, name)
+        for part in MEMORY_PARTS:
+            _remove_metric(MEMORY_BYTES, name, part)
 
     def _info(self, collection: Collection) -> CollectionInfo:
         record = collection.record
@@ -333,6 +353,10 @@ class IndexEngine:
                 lambda collection=collection, shard_no=shard_no: collection.shard_counts[shard_no]
             )
         SNAPSHOT_AGE_SECONDS.labels(collection.name).set_function(collection.snapshot_age)
+        for part in MEMORY_PARTS:
+            MEMORY_BYTES.labels(collection.name, part).set_function(
+                lambda collection=collection, part=part: collection.memory_parts()[part]
+            )
 
     # -- writes -----------------------------------------------------------------
 
@@ -364,8 +388,20 @@ class IndexEngine:
             ]
             sequence = self._store().upsert(col.uid, rows, retired, new_kinds, first + len(ids))
             col.apply_upsert(ids, internal_ids, vectors, records, retired, new_kinds, sequence)
+        del rows, packed
+        self._count_written_bytes(vectors.nbytes)
         self._maybe_start_build(col)
         return WriteResult(len(ids), sequence)
+
+    def _count_written_bytes(self, nbytes: int) -> None:
+        """Trims the heap once every ``TRIM_AFTER_WRITTEN_BYTES`` of upserted vectors: growing
+        indexes reallocate their buffers and the freed ones stay in malloc's arenas."""
+        with self._trim_lock:
+            self._written_since_trim += nbytes
+            if self._written_since_trim < TRIM_AFTER_WRITTEN_BYTES:
+                return
+            self._written_since_trim = 0
+        release_freed_heap()
 
     def delete(self, collection: str, ids: Sequence[str]) -> WriteResult:
         """Deletes vectors by id; unknown ids are ignored and not counted."""
@@ -540,15 +576,20 @@ class IndexEngine:
             sample_size = min(len(ids), TRAIN_POINTS_PER_CENTROID * col.spec.min_train_vectors)
             sample = vectors[np.random.default_rng(sequence).choice(len(ids), sample_size, replace=False)]
             template = col.spec.train(sample, self.build_threads)
+            del sample
         else:
             faiss.omp_set_num_threads(self.build_threads)
         shards = col.build_shards(ids, vectors, template)
-        del vectors
+        del vectors, template
+        for shard in shards:
+            compact_inverted_lists(shard.index)
         with col.write_lock:
             if col.deleted or self.store is None:
                 return
             col.replay(shards, store.changes_since(col.uid, sequence, col.dim))
-            col.swap_shards(shards)
+            col.swap_shards(shards, compacted=True)
+        del shards  # the collection holds them; the staging indexes they replaced are free now
+        release_freed_heap()
         store.set_trained(col.uid, col.trained)
         col.record.trained = col.trained
         col.builds_done += 1
