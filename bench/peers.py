@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -281,10 +282,14 @@ def build_and_tune(peer, info: dict) -> None:
     for config in peer.configs():
         name = config["name"]
         print(f"[{info['system']}] building {name}", flush=True)
-        built = peer.build(config=name)
+        try:
+            built = peer.build(config=name)
+        except PeerError as error:
+            built = {"accepted": False, "failed": True, "error": str(error)}
         entry = info["configs"][name] = {"param_name": config["param_name"], **built}
         if not built["accepted"]:
-            print(f"[{info['system']}] {name} refused: {built['error']}", flush=True)
+            print(f"[{info['system']}] {name} {'failed' if built.get('failed') else 'refused'}: {built['error']}",
+                  flush=True)
             continue
         entry["rss_bytes_per_vector"] = built["rss_growth_bytes"] / info["n"]
         tuned = peer.tune(config=name, sweep=config["sweep"])
@@ -356,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
         for system in running:
             info = results["systems"][system]
             info["final_rss_growth_bytes"] = peers[system].rss() - info["empty_rss_bytes"]
+            collections = sum(entry["accepted"] for entry in info["configs"].values())
+            info["final_rss_bytes_per_stored_vector"] = info["final_rss_growth_bytes"] / max(1, collections * args.n)
             summarize(info)
     finally:
         for peer in peers.values():
@@ -376,7 +383,8 @@ def print_results(results: dict) -> None:
             rows.append([info["system"], "-", "failed: " + info["error"][:60], *["-"] * 8])
         for name, entry in info["configs"].items():
             if not entry["accepted"]:
-                rows.append([info["system"], name, "refused", *["-"] * 8])
+                reason = "failed: " + entry["error"][:60] if entry.get("failed") else "refused"
+                rows.append([info["system"], name, reason, *["-"] * 8])
                 continue
             param = f"{entry['param_name']} {entry['param']}" if entry["param_name"] else "-"
             if not entry.get("reached_target", True):
@@ -397,5 +405,14 @@ def print_results(results: dict) -> None:
           f"{results['wall_s']:.0f}s wall")
 
 
+def exit_on_signal(signum, frame) -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so ``main`` stops every server it started."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    signal.signal(signal.SIGHUP, exit_on_signal)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # started in the background by a shell
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     main(sys.argv[1:])
