@@ -294,6 +294,9 @@ def build_and_tune(peer, info: dict) -> None:
         entry["rss_bytes_per_vector"] = built["rss_growth_bytes"] / info["n"]
         tuned = peer.tune(config=name, sweep=config["sweep"])
         entry.update(tuning_sweep=tuned["sweep"], param=tuned["param"], reached_target=tuned["reached_target"])
+        recalls = [recall for _, recall in tuned["sweep"]]
+        # Milvus Lite's IVF_FLAT: the same recall at every nprobe (its search does not use the parameter).
+        entry["parameter_had_no_effect"] = len(recalls) > 2 and max(recalls) - min(recalls) < 1e-9
         entry["rounds"] = []
         print(f"[{info['system']}] {name}: ingest {built['ingest_vectors_per_s']:.0f} vectors/s, searchable in "
               f"{built['searchable_s']:.1f}s; tuning sweep {tuned['sweep']} -> {config['param_name']}={tuned['param']}",
@@ -387,7 +390,9 @@ def print_results(results: dict) -> None:
                 rows.append([info["system"], name, reason, *["-"] * 8])
                 continue
             param = f"{entry['param_name']} {entry['param']}" if entry["param_name"] else "-"
-            if not entry.get("reached_target", True):
+            if entry.get("parameter_had_no_effect"):
+                param += " (no effect)"
+            elif not entry.get("reached_target", True):
                 param += " (best)"
             rows.append([info["system"], name, param, entry.get("heldout_recall", float("nan")),
                          entry.get("p50_ms", float("nan")), entry.get("p99_ms", float("nan")),

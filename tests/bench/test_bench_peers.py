@@ -43,3 +43,4 @@ def test_clipsearch_side_end_to_end_at_tiny_n(tmp_path):
     assert ivf["reached_target"] and recalls[ivf["param"]] >= 0.95
     assert all(recall < 0.95 for nprobe, recall in recalls.items() if nprobe < ivf["param"])
     assert recalls[1] < 0.95  # real recall: one list of 219 does not find the neighbours
+    assert not ivf["parameter_had_no_effect"]
