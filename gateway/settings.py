@@ -49,7 +49,12 @@ class GatewaySettings(ServerSettings):
                           "web page at /; 0 picks a free port, -1 disables. Same keys, TLS and host as gRPC"},
     )
     default_collection: str = field(default="images", metadata={"help": "collection used when a request names none"})
-    default_index_spec: str = field(default="Flat", metadata={"help": "FAISS spec of the auto-created collection"})
+    default_index_spec: str = field(
+        default="",
+        metadata={"help": "FAISS spec of collections created without one (the auto-created default collection, "
+                          "CreateCollection with an empty index_spec); empty: the index service's default (HNSW32, "
+                          "see README Choosing an index)"},
+    )
     create_default_collection: bool = field(
         default=True, metadata={"help": "create the default collection on startup with the encoder's dim/fingerprint"}
     )

@@ -62,8 +62,8 @@ def on_shard(datas: list[bytes], shard: int, shards: int = 2) -> list[bytes]:
     return [d for d in datas if shard_for_id(sha(d), shards) == shard]
 
 
-def create_collection(client: Client, name: str) -> None:
-    client.CreateCollection(gpb.CreateCollectionRequest(name=name))
+def create_collection(client: Client, name: str, index_spec: str = "") -> None:
+    client.CreateCollection(gpb.CreateCollectionRequest(name=name, index_spec=index_spec))
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
@@ -171,7 +171,7 @@ def test_index_write_that_timed_out_but_committed_keeps_its_object(tmp_path_fact
     try:
         client = stack.gateway("--index-timeout-seconds", "1", name="gateway-busy")
         name = "busy"
-        create_collection(client, name)
+        create_collection(client, name, "Flat")  # BULK_ROWS is sized for Flat's adds (HNSW's are ~50x slower)
         collection = client.GetCollection(gpb.GetCollectionRequest(name=name)).collection
         requests = bulk_requests(collection, name)
         busy = index_stub(stack.addresses[0])

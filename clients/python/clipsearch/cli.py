@@ -663,7 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("collections", parents=[common], help="list, create or delete collections")
     p.add_argument("action", nargs="?", choices=["list", "create", "delete"], default="list")
     p.add_argument("name", nargs="?", default="")
-    p.add_argument("--index-spec", default="Flat", help="FAISS spec for create: Flat, IVF1024,Flat, HNSW32, ...")
+    p.add_argument("--index-spec", default="",
+                   help="FAISS spec for create: Flat, IVF1024,Flat, HNSW32,efSearch=128, ... (default: the service's, "
+                        "HNSW32)")
     p.set_defaults(func=cmd_collections)
     p = sub.add_parser("repair", parents=[common], help="re-index orphaned images, drop entries of missing ones",
                        description="Starts (or resumes) a repair of the collection on the gateway and follows it: "

@@ -487,7 +487,8 @@ class _ClientBase:
         request = pb.DeleteImageRequest(collection=self._collection(collection), id=image_id)
         return self._call("DeleteImage", request, lambda r: None)
 
-    def create_collection(self, name: str, *, index_spec: str = "Flat", num_shards: int = 1):
+    def create_collection(self, name: str, *, index_spec: str = "", num_shards: int = 1):
+        """Creates a collection; an empty ``index_spec`` means the service's default (HNSW32)."""
         request = pb.CreateCollectionRequest(name=name, index_spec=index_spec, num_shards=num_shards)
         return self._call("CreateCollection", request, lambda r: _parse_collection(r.collection))
 
