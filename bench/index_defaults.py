@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=1000, help="queries per set")
     parser.add_argument("--spread", type=float, default=2.0)
+    parser.add_argument("--clusters", type=int, default=0, help="mixture components (0: sqrt(n))")
     parser.add_argument("--specs", default="HNSW32;HNSW32,efConstruction=80",
                         help="';'-separated HNSW specs to sweep efSearch on")
     parser.add_argument("--ivf", action="store_true", help="also an IVF index at its tuned nprobe")
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.ingest:
         return ingest(args)
     threads = args.threads or faiss.omp_get_max_threads()
-    mixture = GaussianMixture(args.dim, clusters=max(8, int(math.sqrt(args.n))), spread=args.spread, seed=0)
+    mixture = GaussianMixture(args.dim, clusters=args.clusters or max(8, int(math.sqrt(args.n))),
+                              spread=args.spread, seed=0)
     base = mixture.sample(args.n, seed=1)
     sets = query_sets(mixture, args.queries)
     exact = faiss.IndexFlatIP(args.dim)
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     truth = {name: exact.search(queries, K)[1] for name, queries in sets.items()}
     _, flat_seconds = one_at_a_time(exact, sets["held-out"][:200], None)
     rows = [["Flat", "-", "-", 1.0, 1.0, *([1.0] * len(SHIFTS)), percentile(flat_seconds, 50) * 1000, "-"]]
-    results: dict = {"n": args.n, "dim": args.dim, "queries": args.queries, "threads": threads, "rows": []}
+    results: dict = {"n": args.n, "dim": args.dim, "clusters": len(mixture.centers), "queries": args.queries,
+                     "threads": threads, "rows": []}
 
     for text in [s for s in args.specs.split(";") if s.strip()]:
         spec = IndexSpec.parse(text, args.dim, "ip")
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     columns = ["index", "efSearch", "build vec/s", "recall tune", "recall held-out",
                *(f"recall shifted +{s}" for s in SHIFTS), "p50 ms (held-out)", "build s"]
-    results["table"] = print_table(f"{args.n:,} x {args.dim}, recall@10 vs exact, one query per search on 1 thread",
+    results["table"] = print_table(f"{args.n:,} x {args.dim} ({len(mixture.centers)} clusters), recall@10 vs exact, "
+                                   "one query per search on 1 thread",
                                    columns, rows)
     write_results("index_defaults", results, Path(args.out) if args.out else None)
     return results
@@ -211,7 +215,7 @@ def ingest(args: argparse.Namespace) -> dict:
                     name = f"c{number}"
                     stub.CreateCollection(pb.CreateCollectionRequest(name=name, dim=args.dim, index_spec=spec))
                     stub.UpsertVectors(pb.UpsertVectorsRequest(collection=name, ids=["seed"],  # for the searcher
-                                                               vectors=pack_matrix(base[-1:])))
+                                                               vectors=pack_matrix(mixture.sample(1, seed=5))))
                     done, searches = threading.Event(), []
                     searcher = threading.Thread(target=search_until, args=(stub, name, base[:1000], done, searches))
                     if args.with_searches:
