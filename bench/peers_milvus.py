@@ -12,6 +12,7 @@ stdin/stdout by ``bench.peers_common.serve_stdio``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import time
@@ -28,6 +29,8 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 NPROBE_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
+# pymilvus shares one connection among clients of the same URI unless each names its own alias.
+CONNECTION_NUMBERS = itertools.count()
 
 
 class MilvusLitePeer(Peer):
@@ -95,9 +98,9 @@ class MilvusLitePeer(Peer):
         return "peers_" + config.split()[0].lower()
 
     def create(self, config: str) -> None:
-        from pymilvus import DataType, MilvusClient, MilvusException
+        from pymilvus import DataType, MilvusException
 
-        client = MilvusClient(uri=self.uri)
+        client = self.open_client()
         name = self._collection(config)
         if client.has_collection(name):
             client.drop_collection(name)
@@ -115,7 +118,7 @@ class MilvusLitePeer(Peer):
             client.drop_collection(name)
             raise Refused(error.message) from None
         finally:
-            client.close()
+            self.close_client(client)
 
     def insert(self, config: str, start: int, vectors: np.ndarray) -> None:
         if not hasattr(self, "_writer"):
@@ -131,7 +134,7 @@ class MilvusLitePeer(Peer):
     def open_client(self) -> Any:
         from pymilvus import MilvusClient
 
-        return MilvusClient(uri=self.uri)
+        return MilvusClient(uri=self.uri, alias=f"peers-{next(CONNECTION_NUMBERS)}")
 
     def close_client(self, client: Any) -> None:
         client.close()
