@@ -378,7 +378,7 @@ class IndexEngine:
         with col.write_lock:
             _check_not_deleted(col)
             new_kinds = col.columns.new_kinds(records, max_keys=self.metadata_limits.max_collection_keys)
-            retired = np.array([col.id_to_internal[i] for i in ids if i in col.id_to_internal], dtype=np.int64)
+            retired = np.array(list(self._store().internal_ids(col.uid, ids).values()), dtype=np.int64)
             first = col.next_internal_id
             internal_ids = np.arange(first, first + len(ids), dtype=np.int64)
             packed = vectors.astype("<f4", copy=False)
@@ -409,10 +409,11 @@ class IndexEngine:
         ids = _check_ids(ids)
         with col.write_lock:
             _check_not_deleted(col)
-            existing = [record_id for record_id in ids if record_id in col.id_to_internal]
+            found = self._store().internal_ids(col.uid, ids)
+            existing = [record_id for record_id in ids if record_id in found]
             if not existing:
                 return WriteResult(0, col.applied_sequence)
-            retired = np.array([col.id_to_internal[record_id] for record_id in existing], dtype=np.int64)
+            retired = np.array([found[record_id] for record_id in existing], dtype=np.int64)
             sequence = self._store().delete(col.uid, retired)
             col.apply_delete(existing, retired, sequence)
         self._maybe_start_build(col)
