@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ import faiss
 import numpy as np
 
 from index_service.filters import Condition, MetadataColumns
+from index_service.ids import PackedIds
 from index_service.memory import compact_inverted_lists, release_freed_heap
 from index_service.shards import IndexSpec, Shard, ShardSelection, bitmap_selector
 from index_service.store import Changes, CollectionRecord
@@ -101,8 +101,8 @@ class Collection:
         self.spec = spec
         self.snapshot_dir = snapshot_dir
         self.columns = MetadataColumns(kinds)
-        self.id_to_internal: dict[str, int] = {}
-        self.internal_to_id: list[str | None] = []
+        self.internal_to_id = PackedIds()  # string id -> internal id is the store's (Store.internal_ids)
+        self.live_count = 0
         self.alive = np.zeros(0, dtype=bool)
         self.shard_counts = [0] * record.num_shards
         self.shards: list[Shard] = [spec.new_shard() for _ in range(record.num_shards)]
@@ -143,7 +143,7 @@ class Collection:
 
     @property
     def count(self) -> int:
-        return len(self.id_to_internal)
+        return self.live_count
 
     @property
     def tombstones(self) -> int:
@@ -168,30 +168,27 @@ class Collection:
                 "filter_columns": self.columns.memory_bytes(),
             }
 
-    def _id_map_bytes(self, sample: int = 256) -> int:
-        """The list, the dict and the alive bitmap, plus the id strings and int objects
-        they hold, sized from a sample of live ids (cheap at any size). Caller holds ``rw``."""
-        containers = sys.getsizeof(self.internal_to_id) + sys.getsizeof(self.id_to_internal) + self.alive.nbytes
-        live = np.flatnonzero(self.alive[:self.next_internal_id])
-        if not len(live):
-            return containers
-        picked = live[np.linspace(0, len(live) - 1, min(sample, len(live))).astype(np.int64)]
-        per_id = sum(sys.getsizeof(self.internal_to_id[i]) + sys.getsizeof(int(i)) for i in picked.tolist())
-        return containers + round(per_id / len(picked) * len(live))
+    def _id_map_bytes(self) -> int:
+        """The packed string ids and the alive bitmap."""
+        return self.internal_to_id.nbytes + self.alive.nbytes
 
     # -- applying writes (caller holds write_lock) --------------------------
 
     def load_records(self, records: Iterator[tuple[int, str, str | None]]) -> None:
         """Fills id maps and metadata columns from the store's live rows."""
         size = self.record.next_internal_id
-        self.internal_to_id = [None] * size
         self._ensure_capacity(size)
-        for internal_id, record_id, metadata_json in records:
-            self.internal_to_id[internal_id] = record_id
-            self.id_to_internal[record_id] = internal_id
-            self.alive[internal_id] = True
-            self.columns.set_records([internal_id], [self.columns.decode(metadata_json)])
-            self.shard_counts[internal_id % self.num_shards] += 1
+
+        def named() -> Iterator[tuple[int, str]]:
+            for internal_id, record_id, metadata_json in records:
+                self.alive[internal_id] = True
+                self.columns.set_records([internal_id], [self.columns.decode(metadata_json)])
+                self.shard_counts[internal_id % self.num_shards] += 1
+                self.live_count += 1
+                yield internal_id, record_id
+
+        self.internal_to_id = PackedIds()
+        self.internal_to_id.fill(named(), size)
 
     def apply_upsert(
         self,
@@ -208,7 +205,7 @@ class Collection:
             self.columns.add_kinds(new_kinds)
             self._ensure_capacity(int(internal_ids[-1]) + 1)
             self.internal_to_id.extend(ids)
-            self.id_to_internal.update(zip(ids, internal_ids.tolist()))
+            self.live_count += len(ids) - len(retired_ids)
             self.alive[internal_ids] = True
             self.columns.set_records(internal_ids, records)
             for shard_no, (part_ids, part_vectors) in self._by_shard(internal_ids, vectors):
@@ -218,8 +215,7 @@ class Collection:
 
     def apply_delete(self, ids: Sequence[str], retired_ids: np.ndarray, sequence: int) -> None:
         with self.rw.write():
-            for record_id in ids:
-                del self.id_to_internal[record_id]
+            self.live_count -= len(ids)
             self._retire(retired_ids)
             self.applied_sequence = sequence
 

@@ -286,6 +286,17 @@ class Store:
             "SELECT internal_id, id, metadata FROM vectors WHERE collection_uid = ? ORDER BY internal_id", (uid,)
         )
 
+    def internal_ids(self, uid: int, ids: Sequence[str]) -> dict[str, int]:
+        """{id: internal id} of the ids that have a live row (the unique index on id answers)."""
+        found: dict[str, int] = {}
+        with self._read() as conn:
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                found.update(conn.execute(
+                    f"SELECT id, internal_id FROM vectors WHERE collection_uid = ? AND id IN ({marks})", (uid, *chunk)
+                ).fetchall())
+        return found
+
     def fetch_by_ids(
         self, uid: int, ids: Sequence[str], with_vectors: bool
     ) -> dict[str, tuple[str | None, bytes | None]]:

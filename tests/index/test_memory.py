@@ -14,6 +14,7 @@ import numpy as np
 
 from clipsearch.index.v1 import index_service_pb2 as pb
 from index_service import store as store_module
+from index_service.ids import PackedIds
 from index_service.memory import compact_inverted_lists, process_rss_bytes, store_cache_bytes
 from index_service.servicer import IndexServicer
 from index_service.store import CollectionRecord, Store, StoredRow
@@ -50,7 +51,7 @@ def test_memory_gauges_break_the_process_down_by_collection_and_part(start_index
             for name in ("faiss", "id_maps", "filter_columns")}
     raw = n * DIM * 4
     assert raw <= part["faiss"] <= 1.5 * raw  # float32 codes, ids and the id map's hash table
-    assert n * 20 <= part["id_maps"] <= n * 400  # "image-000123" and its internal id, both ways
+    assert n * 12 <= part["id_maps"] <= n * 40  # "image-000123" packed, an offset and an alive bit each
     assert n * 8 <= part["filter_columns"] <= n * 200  # two columns of one value per vector
     rss = gauges[("clipsearch_index_process_memory_bytes", 'part="rss"')]
     assert rss > sum(part.values()) + 10 * 2**20  # Python, gRPC and FAISS themselves
@@ -137,3 +138,12 @@ def test_concurrent_searches_go_to_worker_threads_and_a_lone_one_runs_inline(ope
     asyncio.run(run())
     assert waits == [False, "|", True, True, True]
     assert servicer._searches_in_flight == 0
+
+
+def test_packed_ids_name_every_internal_id_with_gaps_for_retired_ones():
+    ids = PackedIds()
+    ids.fill(iter([(0, "a"), (3, "dé"), (4, "e")]), size=7)  # 1, 2, 5 and 6 were retired
+    assert [ids[i] for i in range(len(ids))] == ["a", "", "", "dé", "e", "", ""]
+    ids.extend([f"id{i}" for i in range(3000)])  # grows past the first 1024 offsets
+    assert (len(ids), ids[7], ids[3006]) == (3007, "id0", "id2999")
+    assert ids.nbytes <= 3007 * 8 + 3 + 3000 * 6
