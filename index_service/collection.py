@@ -35,8 +35,9 @@ from index_service.store import Changes, CollectionRecord
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-# A snapshot first compacts an IVF shard's lists (memory.compact_inverted_lists) once the
-# shard holds this many times the vectors it held when its lists were last made exact.
+# Upserts (every 64 MiB written) and snapshots compact an IVF shard's lists
+# (memory.compact_inverted_lists) once the shard holds this many times the vectors it
+# held when its lists were last made exact.
 COMPACT_AFTER_GROWTH = 1.2
 # FAISS threads per search call. Measured on this 2-core machine with faiss
 # 1.15.1 on 1M x 512 IndexFlatIP: one query takes ~105 ms on 1 OpenMP thread
