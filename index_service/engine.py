@@ -389,23 +389,22 @@ class IndexEngine:
             sequence = self._store().upsert(col.uid, rows, retired, new_kinds, first + len(ids))
             col.apply_upsert(ids, internal_ids, vectors, records, retired, new_kinds, sequence)
         del rows, packed
-        self._count_written_bytes(col, vectors.nbytes)
+        self._count_written_bytes(vectors.nbytes)
         self._maybe_start_build(col)
         return WriteResult(len(ids), sequence)
 
-    def _count_written_bytes(self, col: Collection, nbytes: int) -> None:
-        """Once every ``TRIM_AFTER_WRITTEN_BYTES`` of upserted vectors: makes the lists of the
-        collection's IVF shards that grew by a fifth exact (``Collection.compact_grown_shards``;
-        searches go on, writes wait) and trims the heap (growing indexes reallocate their
-        buffers, and the freed ones stay in malloc's arenas)."""
+    def _count_written_bytes(self, nbytes: int) -> None:
+        """Trims the heap once every ``TRIM_AFTER_WRITTEN_BYTES`` of upserted vectors: growing
+        indexes reallocate their buffers and the freed ones stay in malloc's arenas.
+
+        IVF lists are not compacted here but in snapshots: a list made exact doubles its
+        buffer at its next add, so compacting while vectors still arrive gives the slack back
+        at once (measured: 4.6 KB/vector after a 200k ingest either way)."""
         with self._trim_lock:
             self._written_since_trim += nbytes
             if self._written_since_trim < TRIM_AFTER_WRITTEN_BYTES:
                 return
             self._written_since_trim = 0
-        with col.write_lock:
-            if not col.deleted:
-                col.compact_grown_shards()
         release_freed_heap()
 
     def delete(self, collection: str, ids: Sequence[str]) -> WriteResult:
