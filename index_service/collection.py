@@ -35,10 +35,6 @@ from index_service.store import Changes, CollectionRecord
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-# Upserts (every 64 MiB written) and snapshots compact an IVF shard's lists
-# (memory.compact_inverted_lists) once the shard holds this many times the vectors it
-# held when its lists were last made exact.
-COMPACT_AFTER_GROWTH = 1.2
 # FAISS threads per search call. Measured on this 2-core machine with faiss
 # 1.15.1 on 1M x 512 IndexFlatIP: one query takes ~105 ms on 1 OpenMP thread
 # and ~190 ms on 2; batches of 32 and 256 queries were also slower on 2
@@ -274,13 +270,13 @@ class Collection:
             self.trained = all(shard.trained for shard in shards)
             self.compacted_sizes = [shard.ntotal if compacted else 0 for shard in shards]
 
-    def compact_grown_shards(self) -> int:
-        """Makes the lists of IVF shards that grew by ``COMPACT_AFTER_GROWTH`` since their last
-        compaction exact (searches go on during the copy); returns how many. Caller holds
-        ``write_lock``."""
+    def compact_changed_shards(self) -> int:
+        """Makes the lists of IVF shards changed since their last compaction exact (searches
+        go on during the copy); returns how many. A list that got even one vector has doubled
+        its buffer. Caller holds ``write_lock``."""
         compacted = 0
         for shard_no, shard in enumerate(self.shards):
-            if shard.ntotal and shard.ntotal >= COMPACT_AFTER_GROWTH * self.compacted_sizes[shard_no]:
+            if shard.ntotal != self.compacted_sizes[shard_no]:
                 if compact_inverted_lists(shard.index, swap_guard=self.rw.write()):
                     compacted += 1
                 self.compacted_sizes[shard_no] = shard.ntotal
@@ -385,7 +381,7 @@ class Collection:
         of an earlier failed attempt are removed first, and a failure removes its own files."""
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         self.remove_snapshot_leftovers()
-        if self.compact_grown_shards():
+        if self.compact_changed_shards():
             release_freed_heap()
         token = uuid.uuid4().hex[:8]
         names = []

@@ -13,7 +13,6 @@ import faiss
 import numpy as np
 
 from clipsearch.index.v1 import index_service_pb2 as pb
-from index_service import engine as engine_module
 from index_service import store as store_module
 from index_service.ids import PackedIds
 from index_service.memory import compact_inverted_lists, process_rss_bytes, store_cache_bytes
@@ -79,7 +78,7 @@ def test_compacting_ivf_lists_frees_their_growth_slack_and_keeps_every_answer():
     assert not compact_inverted_lists(faiss.IndexFlatIP(DIM))  # nothing to do for other indexes
 
 
-def test_snapshots_compact_ivf_shards_that_grew_and_builds_leave_them_exact(open_engine):
+def test_snapshots_compact_changed_ivf_shards_and_builds_leave_them_exact(open_engine):
     engine = open_engine()
     vectors = unit_rows(6000, DIM, seed=3)
     engine.create_collection("ivf", DIM, "ip", "IVF16,Flat", num_shards=2)
@@ -95,20 +94,6 @@ def test_snapshots_compact_ivf_shards_that_grew_and_builds_leave_them_exact(open
     found = engine.search("ivf", vectors[:10], k=5, nprobe=4)
     assert [[hit.id for hit in row] for row in found] == [[hit.id for hit in row] for row in expected]
     assert process_rss_bytes() > 0 and store_cache_bytes() > 0
-
-
-def test_upserts_compact_grown_ivf_shards_once_enough_bytes_were_written(open_engine, monkeypatch):
-    monkeypatch.setattr(engine_module, "TRIM_AFTER_WRITTEN_BYTES", 1)
-    engine = open_engine()
-    vectors = unit_rows(3000, DIM, seed=5)
-    engine.create_collection("ivf", DIM, "ip", "IVF16,Flat")
-    engine.upsert("ivf", [f"a{i}" for i in range(1000)], vectors[:1000])
-    engine.train("ivf")
-    engine.upsert("ivf", [f"a{i}" for i in range(1000, 1100)], vectors[1000:1100])  # +10%: not yet
-    assert engine._collections["ivf"].compacted_sizes == [1000]
-    engine.upsert("ivf", [f"a{i}" for i in range(1100, 3000)], vectors[1100:])
-    assert engine._collections["ivf"].compacted_sizes == [3000]
-    assert engine.search("ivf", vectors[2999:], k=1, nprobe=16)[0][0].id == "a2999"
 
 
 def test_new_stores_pack_vectors_into_large_pages_and_cut_the_wal_back(tmp_path, monkeypatch):
