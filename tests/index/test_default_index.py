@@ -132,3 +132,15 @@ def test_bad_hnsw_parameters_are_refused_with_what_to_write(start_index):
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, spec
         assert message in error.value.details() and error_from_rpc(error.value).field == "index_spec", spec
     assert not stub.ListCollections(pb.ListCollectionsRequest()).collections
+
+
+def test_upserts_add_on_the_build_threads_whatever_a_search_set(open_engine):
+    """OpenMP's thread count is per thread and every search sets it to 1; an upsert served by
+    the same worker thread still adds (HNSW graph inserts) on --build-threads."""
+    engine = open_engine(build_threads=2)
+    engine.create_collection("c", 16)
+    engine.upsert("c", ["a"], unit_rows(1, 16))
+    engine.search("c", unit_rows(1, 16), k=1)
+    assert faiss.omp_get_max_threads() == 1
+    engine.upsert("c", ["b", "c"], unit_rows(2, 16, seed=1))
+    assert faiss.omp_get_max_threads() == 2
