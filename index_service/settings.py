@@ -25,7 +25,8 @@ class IndexSettings(ServerSettings):
         default=True, metadata={"help": "train IVF/PQ indexes in the background once they hold enough vectors"}
     )
     build_threads: int = field(
-        default=0, metadata={"help": "FAISS threads for training and index builds (0: every core)"}
+        default=0, metadata={"help": "FAISS threads for training, index builds and the adds of each upsert "
+                                     "(0: every core)"}
     )
     inline_search_max_ms: float = field(
         default=5.0,
