@@ -64,7 +64,7 @@ def main() -> None:
                                                                ("grpc.max_receive_message_length", 64 << 20)])
         stub = index_service_pb2_grpc.IndexServiceStub(channel)
         pid = proc.proc.pid
-        stub.CreateCollection(pb.CreateCollectionRequest(name="c", dim=DIM))
+        stub.CreateCollection(pb.CreateCollectionRequest(name="c", dim=DIM, index_spec="Flat"))  # as in every version
         for start in range(0, args.vectors, 1000):
             n = min(1000, args.vectors - start)
             stub.UpsertVectors(pb.UpsertVectorsRequest(
