@@ -387,6 +387,9 @@ class IndexEngine:
                 for row, (internal_id, record_id) in enumerate(zip(internal_ids, ids))
             ]
             sequence = self._store().upsert(col.uid, rows, retired, new_kinds, first + len(ids))
+            # FAISS adds (HNSW graph inserts, IVF assignment) run on the build threads, not on
+            # whatever this worker thread was last set to (a search sets it to 1; OpenMP is per thread).
+            faiss.omp_set_num_threads(self.build_threads)
             col.apply_upsert(ids, internal_ids, vectors, records, retired, new_kinds, sequence)
         del rows, packed
         self._count_written_bytes(vectors.nbytes)
