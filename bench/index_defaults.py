@@ -50,7 +50,7 @@ from index_service.synthetic import GaussianMixture
 
 K = 10
 RECALL_TARGET = 0.95
-EF_SWEEP = (32, 48, 64, 80, 96, 128, 160, 192, 256)
+EF_SWEEP = (32, 48, 64, 80, 96, 128, 160, 192, 256, 384)
 SHIFTS = (0.5, 1.0)
 
 
@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=1000, help="queries per set")
     parser.add_argument("--spread", type=float, default=2.0)
     parser.add_argument("--clusters", type=int, default=0, help="mixture components (0: sqrt(n))")
+    parser.add_argument("--ef", type=int, nargs="*", default=[], help="also print rows for these efSearch values")
     parser.add_argument("--specs", default="HNSW32;HNSW32,efConstruction=80",
                         help="';'-separated HNSW specs to sweep efSearch on")
     parser.add_argument("--ivf", action="store_true", help="also an IVF index at its tuned nprobe")
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
             tune_labels, _ = one_at_a_time(index, sets["tune"], params)
             sweep[ef] = recall_at_k(tune_labels, truth["tune"])
         reaching = [ef for ef in EF_SWEEP if sweep[ef] >= RECALL_TARGET] or [EF_SWEEP[-1]]
-        for ef in sorted({64, reaching[0], 128, HNSW_DEFAULT_EF}):
+        for ef in sorted({64, reaching[0], 128, HNSW_DEFAULT_EF, *args.ef}):
             params = faiss.SearchParametersHNSW(efSearch=ef)
             measured = {}
             for name in sets:
