@@ -17,7 +17,7 @@ from clipsearch.server.logs import configure_logging
 from clipsearch.server.settings import load_settings
 from index_service.backup import S3Backup
 from index_service.engine import IndexEngine
-from index_service.memory import limit_malloc_arenas
+from index_service.memory import configure_malloc
 from index_service.servicer import IndexServicer
 from index_service.settings import IndexSettings
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         description="clipsearch index service: durable, sharded FAISS collections over gRPC.",
     )
     configure_logging(settings.log_level, settings.log_json)
-    limit_malloc_arenas()
+    configure_malloc()
     asyncio.run(serve(settings))
     return 0
 
