@@ -18,7 +18,7 @@ def test_index_bench_tiny(tmp_path):
 
     results = main(["--n", "5000", "--dim", "32", "--queries", "30", "--flat-queries", "20", "--out", str(tmp_path)])
     assert results["config"]["nlist"] == 128  # the largest power of two with 39 x nlist <= n
-    for name in ("flat", "ivf"):
+    for name in ("flat", "ivf", "ivf_text"):
         entry = results[name]
         assert entry["recall_at_10_grpc"] == pytest.approx(entry["recall_at_10_in_process"])
         for key in ("p50_ratio_grpc_vs_in_process", "index_bytes_per_vector", "engine_memory_bytes_per_vector"):
@@ -27,6 +27,10 @@ def test_index_bench_tiny(tmp_path):
             assert positive(entry[path]["p50_ms"]) and entry[path]["n"] == (20 if name == "flat" else 30)
     assert results["flat"]["recall_at_10_grpc"] == 1.0
     assert 0 < results["ivf"]["recall_at_10_grpc"] <= 1.0
-    assert results["ivf"]["nprobe"] in results["ivf_nprobe_sweep_recall"]
+    # nprobe is chosen on tuning queries; recall is reported on held-out ones.
+    for name, setting in (("ivf", "in-distribution"), ("ivf_text", "text-like")):
+        assert results[name]["queries"] == setting
+        assert results[name]["nprobe"] in results["settings"][setting]["tuning_sweep_recall"]
+    assert results["settings"]["text-like"]["nn_similarity"] < results["settings"]["in-distribution"]["nn_similarity"]
     written = json.loads((tmp_path / "index_bench_n5000.json").read_text())
     assert written["ivf"]["index_spec"] == "IVF128,Flat"
