@@ -13,16 +13,14 @@ stdin/stdout by ``bench.peers_common.serve_stdio``.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.peers_common import K, Peer, die_with_parent, free_port, main
+from bench.peers_common import K, ServerProcessPeer, free_port, main
 
 EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
 MAX_NEIGHBORS = 32  # as clipsearch's HNSW32
@@ -30,12 +28,11 @@ EF_CONSTRUCTION = 100  # Chroma's default
 COLLECTION = "peers"
 
 
-class ChromaPeer(Peer):
+class ChromaPeer(ServerProcessPeer):
     system = "Chroma"
 
     def __init__(self, workdir):
         super().__init__(workdir)
-        self.process: subprocess.Popen | None = None
         self.port = 0
         self.ef: int | None = None
 
@@ -44,37 +41,12 @@ class ChromaPeer(Peer):
         data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         chroma = Path(sys.executable).parent / "chroma"
-        self.process = subprocess.Popen(
-            [str(chroma), "run", "--path", str(data_dir), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=open(self.workdir / "chroma-server.log", "ab"), stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent)
-        self._wait_ready()
+        self.launch([str(chroma), "run", "--path", str(data_dir), "--host", "127.0.0.1", "--port", str(self.port)],
+                    self.workdir / "chroma-server.log")
         return {"pid": self.process.pid, "port": self.port, "versions": {"chromadb": version("chromadb")}}
 
-    def _wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"chroma exited with code {self.process.returncode}")
-            try:
-                self._http().heartbeat()
-                return
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def server_pid(self) -> int:
-        return self.process.pid
+    def is_ready(self) -> None:
+        self._http().heartbeat()
 
     def configs(self) -> list[dict]:
         return [{"name": f"HNSW M {MAX_NEIGHBORS} efC {EF_CONSTRUCTION}", "param_name": "ef_search",

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -231,6 +232,46 @@ class Peer:
         if errors:
             raise errors[0]
         return {"qps": clients * queries_per_client / elapsed, "clients": clients}
+
+
+class ServerProcessPeer(Peer):
+    """A peer whose server is a child process this driver starts (``launch``) and stops."""
+
+    def __init__(self, workdir):
+        super().__init__(workdir)
+        self.process: subprocess.Popen | None = None
+
+    def launch(self, command: list[str], log_path: Path, **popen_args) -> None:
+        """Starts the server and waits until ``is_ready()`` answers."""
+        self.process = subprocess.Popen(command, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+                                        preexec_fn=die_with_parent, **popen_args)
+        deadline = time.monotonic() + 60.0
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.system} exited with code {self.process.returncode}")
+            try:
+                self.is_ready()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def is_ready(self) -> None:
+        """Raises while the server does not answer yet."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def server_pid(self) -> int:
+        return self.process.pid
 
 
 def serve_stdio(peer: Peer) -> None:

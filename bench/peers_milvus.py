@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
-import time
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.peers_common import K, Peer, Refused, die_with_parent, free_port, main
+from bench.peers_common import K, Refused, ServerProcessPeer, free_port, main
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
@@ -33,12 +31,11 @@ EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
 CONNECTION_NUMBERS = itertools.count()
 
 
-class MilvusLitePeer(Peer):
+class MilvusLitePeer(ServerProcessPeer):
     system = "Milvus Lite"
 
     def __init__(self, workdir):
         super().__init__(workdir)
-        self.process: subprocess.Popen | None = None
         self.uri = ""
 
     def start(self) -> dict:
@@ -49,41 +46,16 @@ class MilvusLitePeer(Peer):
         data_dir = self.workdir / "milvus"
         data_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, LD_LIBRARY_PATH=f"{lib}:{os.environ.get('LD_LIBRARY_PATH', '')}")
-        self.process = subprocess.Popen(
-            [str(lib / "milvus"), str(data_dir / "peers.db"), f"127.0.0.1:{port}", "ERROR"],
-            cwd=data_dir, env=env, stdout=open(data_dir / "server.log", "ab"), stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent)
         self.uri = f"http://127.0.0.1:{port}"
-        self._wait_ready()
+        self.launch([str(lib / "milvus"), str(data_dir / "peers.db"), f"127.0.0.1:{port}", "ERROR"],
+                    data_dir / "server.log", cwd=data_dir, env=env)
         return {"pid": self.process.pid, "port": port,
                 "versions": {"milvus-lite": version("milvus-lite"), "pymilvus": version("pymilvus")}}
 
-    def _wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"milvus-lite exited with code {self.process.returncode}")
-            try:
-                client = self.open_client()
-                client.list_collections()
-                self.close_client(client)
-                return
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def server_pid(self) -> int:
-        return self.process.pid
+    def is_ready(self) -> None:
+        client = self.open_client()
+        client.list_collections()
+        self.close_client(client)
 
     def configs(self) -> list[dict]:
         return [
