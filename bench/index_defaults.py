@@ -25,6 +25,15 @@ search for its last vector finds it.
     python -m bench.index_defaults --n 100000
     python -m bench.index_defaults --n 20000 --specs HNSW32 --queries 200   # seconds
     python -m bench.index_defaults --ingest --n 100000 --batch 1000
+    python -m bench.index_defaults --n 100000 --clusters 1024 --specs HNSW32 --calibrated
+
+Calibrated (``--calibrated``): each spec is filled through ``IndexEngine`` in
+batches of 5000 (so the collection calibrates its own efSearch in the
+background as it grows, the last time at 80k of 100k), then calibrated once
+more over every vector (timed); rows are printed at the efSearch it served at
+the end of the fill and at the one it serves after that last calibration, with
+the held-out and shifted recall and p50 of searches through the engine that set
+no efSearch.
 """
 
 from __future__ import annotations
@@ -68,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ivf", action="store_true", help="also an IVF index at its tuned nprobe")
     parser.add_argument("--threads", type=int, default=0, help="build threads (0: every core)")
     parser.add_argument("--out", default="", help="results directory (default: bench/results)")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="build through IndexEngine and measure at the efSearch it calibrates")
     parser.add_argument("--ingest", action="store_true", help="measure ingest through the service instead")
     parser.add_argument("--batch", type=int, default=1000, help="--ingest: vectors per UpsertVectors call")
     parser.add_argument("--ingest-specs", default="Flat;HNSW32", help="--ingest: ';'-separated specs")
@@ -134,7 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"n": args.n, "dim": args.dim, "clusters": len(mixture.centers), "queries": args.queries,
                      "threads": threads, "rows": []}
 
-    for text in [s for s in args.specs.split(";") if s.strip()]:
+    for text in [s for s in args.specs.split(";") if s.strip()] if args.calibrated else []:
+        rows.extend(calibrated_rows(text, base, sets, truth, args, results))
+
+    for text in [s for s in args.specs.split(";") if s.strip()] if not args.calibrated else []:
         spec = IndexSpec.parse(text, args.dim, "ip")
         index, build_seconds = build(spec, base, threads)
         sweep = {}
@@ -185,6 +199,50 @@ def main(argv: list[str] | None = None) -> dict:
                                    columns, rows)
     write_results("index_defaults", results, Path(args.out) if args.out else None)
     return results
+
+
+def calibrated_rows(spec: str, base: np.ndarray, sets: dict[str, np.ndarray], truth: dict[str, np.ndarray],
+                    args: argparse.Namespace, results: dict) -> list[list]:
+    """Rows for ``spec`` filled through ``IndexEngine``, at the efSearch it calibrated (see the module doc)."""
+    from index_service.engine import IndexEngine
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="calibrated-bench-") as workdir, \
+            IndexEngine(workdir, snapshot_on_close=False, build_threads=args.threads or None) as engine:
+        engine.create_collection("bench", dim=args.dim, index_spec=spec)
+        started = time.perf_counter()
+        for start in range(0, len(base), 5000):
+            engine.upsert("bench", [str(i) for i in range(start, min(start + 5000, len(base)))],
+                          base[start:start + 5000])
+        engine.wait_for_builds()
+        fill_seconds = time.perf_counter() - started
+        after_fill = engine.get_collection("bench").hnsw_ef_search
+        started = time.perf_counter()
+        final = engine.calibrate_ef_search("bench").hnsw_ef_search
+        calibration_seconds = time.perf_counter() - started
+        print(f"{spec}: efSearch {after_fill} after the fill ({fill_seconds:.1f}s), {final} calibrated over "
+              f"{len(base):,} vectors in {calibration_seconds:.2f}s", flush=True)
+        labels_by_ef = {after_fill: "after the fill", final: f"calibrated at {len(base):,}"}
+        if after_fill == final:
+            labels_by_ef[final] = f"calibrated, after the fill and at {len(base):,}"
+        for ef, label in sorted(labels_by_ef.items()):
+            measured = {}
+            for name, queries in sets.items():
+                labels, seconds = np.empty((len(queries), K), dtype=np.int64), []
+                for row in range(len(queries)):
+                    started = time.perf_counter()
+                    hits = engine.search("bench", queries[row:row + 1], K, ef_search=0 if ef == final else ef)
+                    seconds.append(time.perf_counter() - started)
+                    labels[row] = [int(hit.id) for hit in hits[0]] + [-1] * (K - len(hits[0]))
+                measured[name] = (recall_at_k(labels, truth[name]), percentile(seconds, 50) * 1000)
+            rows.append([f"{spec} ({label})", ef, f"{len(base) / fill_seconds:,.0f} (engine)",
+                         *(measured[name][0] for name in measured), measured["held-out"][1],
+                         f"calibration {calibration_seconds:.2f}"])
+            results["rows"].append({"spec": spec, "calibrated": label, "ef_search": ef,
+                                    "recall": {name: value[0] for name, value in measured.items()},
+                                    "p50_ms": measured["held-out"][1], "calibration_seconds": calibration_seconds,
+                                    "fill_seconds": fill_seconds})
+    return rows
 
 
 def search_until(stub, name: str, queries: np.ndarray, done: threading.Event, seconds: list[float]) -> None:

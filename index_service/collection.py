@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import faiss
 import numpy as np
 
+from index_service.calibration import CALIBRATE_FROM_VECTORS
 from index_service.filters import Condition, MetadataColumns
 from index_service.ids import PackedIds
 from index_service.memory import compact_inverted_lists, release_freed_heap
@@ -115,6 +116,11 @@ class Collection:
         # Held by a running build (training or HNSW compaction); builds_done counts finished ones.
         self.build_lock = threading.Lock()
         self.builds_done = 0
+        # HNSW: efSearch of a search that asks for none. Calibrated (engine._calibrate_ef_search)
+        # when the spec sets none; ef_search_calibrated_at is the vector count it was measured at
+        # (0: never). Searches read it without a lock: a calibration swaps in a new int.
+        self.hnsw_ef_search = spec.ef_search
+        self.ef_search_calibrated_at = 0
 
     # -- properties ---------------------------------------------------------
 
@@ -146,6 +152,13 @@ class Collection:
     def tombstones(self) -> int:
         """Retired vectors still inside the indexes (HNSW only)."""
         return sum(shard.ntotal for shard in self.shards) - self.count
+
+    @property
+    def wants_ef_search_calibration(self) -> bool:
+        """At 10k vectors, and each time the count has doubled since the last calibration
+        (HNSW,PQ/SQ: once trained; until then the shards are exact)."""
+        return (self.spec.calibrates_ef_search and self.trained and self.count >= CALIBRATE_FROM_VECTORS
+                and self.count >= 2 * self.ef_search_calibrated_at)
 
     def snapshot_age(self) -> float:
         return -1.0 if self.snapshot_time is None else time.time() - self.snapshot_time
@@ -303,7 +316,7 @@ class Collection:
             def search_shard(shard_no: int) -> tuple[np.ndarray, np.ndarray]:
                 faiss.omp_set_num_threads(SEARCH_THREADS)  # per thread: OpenMP settings are thread-local
                 shard = self.shards[shard_no]
-                return shard.search(queries, k, selections[shard_no], nprobe, ef_search)
+                return shard.search(queries, k, selections[shard_no], nprobe, ef_search or self.hnsw_ef_search)
 
             if self.num_shards == 1 or pool is None:
                 results = [search_shard(shard_no) for shard_no in range(self.num_shards)]
@@ -320,6 +333,7 @@ class Collection:
 
     def estimated_search_seconds(self, n_queries: int, k: int, nprobe: int, ef_search: int) -> float:
         """Rough single-thread time of an unfiltered search over every shard (see ``Shard``)."""
+        ef_search = ef_search or self.hnsw_ef_search
         return sum(shard.estimated_search_seconds(n_queries, k, nprobe, ef_search) for shard in self.shards)
 
     def _selections(self, conditions: Sequence[Condition]) -> tuple[list[ShardSelection | None], np.ndarray | None]:
@@ -405,18 +419,38 @@ class Collection:
             "dim": self.dim,
             "shards": names,
             "created_at": time.time(),
+            **self._calibration_fields(),
         }
-        tmp = self.snapshot_dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest))
-        _fsync(tmp)
-        os.replace(tmp, self.snapshot_dir / MANIFEST)
-        _fsync(self.snapshot_dir)
+        self._write_manifest(manifest)
         for path in self.snapshot_dir.iterdir():
             if path.name not in names and path.name != MANIFEST:
                 path.unlink(missing_ok=True)
         self.snapshot_sequence = manifest["sequence"]
         self.snapshot_time = manifest["created_at"]
         return [self.snapshot_dir / name for name in names] + [self.snapshot_dir / MANIFEST]
+
+    def _calibration_fields(self) -> dict[str, int]:
+        if not self.ef_search_calibrated_at:
+            return {}
+        return {"hnsw_ef_search": self.hnsw_ef_search, "ef_search_calibrated_at": self.ef_search_calibrated_at}
+
+    def _write_manifest(self, manifest: dict) -> None:
+        tmp = self.snapshot_dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest))
+        _fsync(tmp)
+        os.replace(tmp, self.snapshot_dir / MANIFEST)
+        _fsync(self.snapshot_dir)
+
+    def save_ef_search_calibration(self) -> bool:
+        """Writes the calibrated efSearch into the manifest of the snapshot on disk (the next
+        snapshot writes it anyway); False when there is no snapshot. Caller holds ``write_lock``."""
+        path = self.snapshot_dir / MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        self._write_manifest({**manifest, **self._calibration_fields()})
+        return True
 
     def read_snapshot(self, store_sequence: int) -> tuple[int, list[Shard]] | None:
         """(sequence, shards) of the snapshot on disk, or None when there is no usable one."""
@@ -439,6 +473,9 @@ class Collection:
             return None
         self.snapshot_sequence = manifest["sequence"]
         self.snapshot_time = manifest["created_at"]
+        if self.spec.calibrates_ef_search and manifest.get("ef_search_calibrated_at"):
+            self.hnsw_ef_search = int(manifest["hnsw_ef_search"])
+            self.ef_search_calibrated_at = int(manifest["ef_search_calibrated_at"])
         return manifest["sequence"], shards
 
 

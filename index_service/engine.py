@@ -50,11 +50,13 @@ from clipsearch.metadata import MetadataLimits, check_metadata_limits
 from clipsearch.names import check_collection_name
 from clipsearch.paging import clamp_page_size
 from index_service.backup import S3Backup
+from index_service.calibration import CALIBRATE_FROM_VECTORS, calibrate_ef_search
 from index_service.collection import MANIFEST, Collection, WouldBlock
 from index_service.filters import FilterSpec, parse_filter
 from index_service.memory import compact_inverted_lists, process_rss_bytes, release_freed_heap, store_cache_bytes
 from index_service.metrics import (
     BUILD_SECONDS,
+    HNSW_EF_SEARCH,
     MEMORY_BYTES,
     PROCESS_MEMORY_BYTES,
     SEARCH_SECONDS,
@@ -99,6 +101,7 @@ class CollectionInfo:
     snapshot_age_seconds: float  # -1 when there is no snapshot
     sequence: int  # store sequence of the collection's last write
     uid: str = ""  # the store's uid of the collection: new each time it is created
+    hnsw_ef_search: int = 0  # HNSW: efSearch of a search that asks for none (calibrated or from the spec)
 
 
 @dataclasses.dataclass
@@ -334,6 +337,7 @@ class IndexEngine:
         for shard_no in range(collection.num_shards):
             _remove_metric(VECTORS, name, str(shard_no))
         _remove_metric(SNAPSHOT_AGE_SECONDS, name)
+        _remove_metric(HNSW_EF_SEARCH, name)
         for part in MEMORY_PARTS:
             _remove_metric(MEMORY_BYTES, name, part)
 
@@ -344,7 +348,7 @@ class IndexEngine:
             num_shards=record.num_shards, model_fingerprint=record.model_fingerprint,
             vector_count=collection.count, trained=collection.trained, memory_bytes=collection.memory_bytes(),
             snapshot_age_seconds=collection.snapshot_age(), sequence=collection.applied_sequence,
-            uid=str(record.uid),
+            uid=str(record.uid), hnsw_ef_search=collection.hnsw_ef_search,
         )
 
     def _export_metrics(self, collection: Collection) -> None:
@@ -353,6 +357,10 @@ class IndexEngine:
                 lambda collection=collection, shard_no=shard_no: collection.shard_counts[shard_no]
             )
         SNAPSHOT_AGE_SECONDS.labels(collection.name).set_function(collection.snapshot_age)
+        if collection.spec.family == "hnsw":
+            HNSW_EF_SEARCH.labels(collection.name).set_function(
+                lambda collection=collection: collection.hnsw_ef_search
+            )
         for part in MEMORY_PARTS:
             MEMORY_BYTES.labels(collection.name, part).set_function(
                 lambda collection=collection, part=part: collection.memory_parts()[part]
@@ -541,21 +549,38 @@ class IndexEngine:
                 self._build(col)
         return self._info(col)
 
+    def calibrate_ef_search(self, collection: str) -> CollectionInfo:
+        """Calibrates the default efSearch of an HNSW collection whose spec sets none, now,
+        on the vectors it holds (waits for a build running first); a no-op for other specs.
+        Collections also do this by themselves in the background (``_maybe_start_build``)."""
+        col = self._collection(collection)
+        if col.spec.calibrates_ef_search and col.trained and col.count:
+            with col.build_lock:
+                self._calibrate_ef_search(col)
+        return self._info(col)
+
     def _maybe_start_build(self, col: Collection) -> None:
-        """Starts a background build when an index should be trained or an HNSW graph compacted."""
+        """Starts a background build when an index should be trained or an HNSW graph compacted,
+        or a background calibration of an HNSW collection's efSearch (after a compaction too)."""
         # A collection trained before (by TrainIndex, maybe below the auto-train size) retrains
         # after a restart that found no usable snapshot.
         train_at = col.spec.min_train_vectors if col.record.trained else col.spec.auto_train_vectors
         wants_training = self.auto_train and col.spec.needs_training and not col.trained and col.count >= train_at
         wants_compaction = col.tombstones > max(1000, col.count)
-        if not (wants_training or wants_compaction) or col.build_lock.locked() or self._stop.is_set():
+        wants_build = wants_training or wants_compaction
+        if not (wants_build or col.wants_ef_search_calibration) or col.build_lock.locked() or self._stop.is_set():
             return
 
         def run() -> None:
             if not col.build_lock.acquire(blocking=False):
                 return
             try:
-                self._build(col)
+                if wants_build:
+                    self._build(col)
+                # A rebuilt graph is another graph: measure it again.
+                if col.wants_ef_search_calibration or (wants_build and col.spec.calibrates_ef_search
+                                                       and col.trained and col.count >= CALIBRATE_FROM_VECTORS):
+                    self._calibrate_ef_search(col)
             except Exception:  # noqa: BLE001 - a failed background build must not kill the service
                 log.exception("collection %s: background build failed", col.name)
             finally:
@@ -606,6 +631,25 @@ class IndexEngine:
                  time.perf_counter() - started)
         self._snapshot_collection(col)
         self._upload_store()
+
+    def _calibrate_ef_search(self, col: Collection) -> None:
+        """Measures the collection's default efSearch on a sample of its own vectors (see
+        ``index_service.calibration``) and serves it from now on; searches and writes go on
+        meanwhile. The caller holds ``col.build_lock`` (so the shards are not swapped)."""
+        count = col.count
+        faiss.omp_set_num_threads(self.build_threads)
+        result = calibrate_ef_search([shard.index for shard in col.shards], col.spec.faiss_metric,
+                                     read_guard=col.rw.read, seed=count)
+        with col.write_lock:
+            if col.deleted or self.store is None:
+                return
+            col.hnsw_ef_search = result.ef_search
+            col.ef_search_calibrated_at = count
+            saved = col.save_ef_search_calibration()
+        log.info("collection %s: efSearch %d calibrated over %d vectors: recall@10 %.3f on %d of its vectors "
+                 "(by efSearch: %s) in %.2fs%s", col.name, result.ef_search, result.vectors, result.recall,
+                 result.queries, ", ".join(f"{ef}: {recall:.3f}" for ef, recall in result.sweep.items()),
+                 result.seconds, "" if saved else "; saved with the next snapshot")
 
     # -- snapshots --------------------------------------------------------------
 

@@ -46,6 +46,10 @@ METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 HNSW_EXACT_FILTER_MAX = 20_000
 # The index of a collection created without a spec, and the HNSW search and build
 # defaults (a spec's efSearch=/efConstruction= override them); see README "Choosing an index".
+# HNSW_DEFAULT_EF is the static efSearch: a collection whose spec sets none searches with it
+# until it holds 10k vectors, then with the efSearch it calibrates on its own vectors
+# (index_service/calibration.py): over 100k x 512, 384 on data from 1024 clusters (held-out
+# recall@10 0.966, where 160 gave 0.918) and 64 from sqrt(n) clusters (0.986).
 # Measured on clustered 512-d data (bench/index_defaults.py), recall@10 of HNSW32 on held-out
 # queries: 0.909 / 0.959 / 0.968 at efSearch 64 / 128 / 160 over 500k vectors (0.986+ at 100k);
 # 160 is the smallest of the sweep with 0.95 and a margin for larger collections and queries
@@ -90,7 +94,8 @@ class IndexSpec:
     # Auto-training starts once a collection holds this many vectors.
     auto_train_vectors: int
     factory: str = ""  # the FAISS index_factory string (the spec without parameters)
-    ef_search: int = 0  # HNSW: efSearch of a search that asks for none
+    ef_search: int = 0  # HNSW: efSearch of a search that asks for none (before any calibration)
+    ef_search_in_spec: bool = False  # HNSW: the spec sets efSearch, so it is never calibrated
     ef_construction: int = 0  # HNSW: candidate list size while adding vectors
 
     @classmethod
@@ -144,8 +149,15 @@ class IndexSpec:
             auto_train_vectors=max(1000, 39 * min_train) if min_train else 0,
             factory=factory,
             ef_search=parameters.get("efSearch", HNSW_DEFAULT_EF) if hnsw else 0,
+            ef_search_in_spec="efSearch" in parameters,
             ef_construction=parameters.get("efConstruction", HNSW_DEFAULT_EF_CONSTRUCTION) if hnsw else 0,
         )
+
+    @property
+    def calibrates_ef_search(self) -> bool:
+        """HNSW without efSearch in the spec: the collection measures its own default
+        (``index_service.calibration``)."""
+        return self.family == "hnsw" and not self.ef_search_in_spec
 
     @property
     def faiss_metric(self) -> int:

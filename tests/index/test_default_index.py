@@ -6,6 +6,7 @@ values refused with a message that says what to write."""
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import faiss
 import grpc
@@ -96,10 +97,16 @@ def test_hnsw_parameters_in_the_spec_persist_across_restarts(start_index, tmp_pa
     assert hnsw_parameters(snapshot_shards(data_dir, plain.uid)[0]) == (300, HNSW_DEFAULT_EF_CONSTRUCTION,
                                                                        HNSW_DEFAULT_EF)
 
-    again = start_index(data_dir).stub
+    restarted = start_index(data_dir)
+    again = restarted.stub
     assert again.GetCollection(pb.GetCollectionRequest(name="tuned")).collection.index_spec == created.index_spec
     hits = again.SearchVectors(search_request("tuned", vectors[:1], k=1)).results[0].hits
     assert hits[0].id == "v0"
+    # The efSearch each searches with by default (300 vectors are too few to calibrate "plain").
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{restarted.process.metrics_port}/metrics",
+                                     timeout=10).read().decode()
+    assert 'clipsearch_index_hnsw_ef_search{collection="tuned"} 80.0' in metrics
+    assert f'clipsearch_index_hnsw_ef_search{{collection="plain"}} {float(HNSW_DEFAULT_EF)}' in metrics
 
 
 def test_hnsw_parameters_survive_compaction(open_engine):
