@@ -54,7 +54,7 @@ def test_run_all_tiny_reports_every_row_with_baseline_and_ratio(tmp_path):
     p8 = summary["details"]["P8"]["per_spec"]
     assert sum(r["id"] == "P8" for r in rows) == len(p8) == 4
     for entry in p8.values():
-        for state in ("after_ingest", "settled"):
+        for state in ("after_ingest", "settled", "after_snapshot"):
             assert finite(entry[state]["rss_growth"]), entry
             breakdown = entry[state]["breakdown"]
             assert isinstance(breakdown, str) or set(breakdown) == {
