@@ -275,13 +275,14 @@ class Collection:
         for shard_no, (part_ids, part_vectors) in self._by_shard(changes.added_ids, changes.added_vectors):
             shards[shard_no].add(part_ids, part_vectors)
 
-    def swap_shards(self, shards: list[Shard], compacted: bool = False) -> None:
-        """Serves ``shards`` from now on; ``compacted``: their lists are exact (built and
-        compacted, or read from a snapshot)."""
+    def swap_shards(self, shards: list[Shard], exact_sizes: list[int] | None = None) -> None:
+        """Serves ``shards`` from now on. ``exact_sizes``: per shard, the vector count at which
+        its lists were exact (built and compacted, or read from a snapshot), before any replay
+        added to them; a snapshot compacts the shards that have grown since."""
         with self.rw.write():
             self.shards = shards
             self.trained = all(shard.trained for shard in shards)
-            self.compacted_sizes = [shard.ntotal if compacted else 0 for shard in shards]
+            self.compacted_sizes = list(exact_sizes) if exact_sizes is not None else [0] * len(shards)
 
     def compact_changed_shards(self) -> int:
         """Makes the lists of IVF shards changed since their last compaction exact (searches

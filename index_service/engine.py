@@ -243,6 +243,7 @@ class IndexEngine:
         snapshot = collection.read_snapshot(store.sequence())
         if snapshot is not None:
             sequence, shards = snapshot
+            exact_sizes = [shard.ntotal for shard in shards]  # read_index sizes lists exactly
             changes = store.changes_since(record.uid, sequence, record.dim)
             collection.replay(shards, changes)
             source = (f"snapshot at sequence {sequence} + {len(changes.added_ids)} added and "
@@ -257,7 +258,8 @@ class IndexEngine:
             source = "store"
             _, ids, vectors = store.live_vectors(record.uid, record.dim)
             shards = collection.build_shards(ids, vectors, template=None)
-        collection.swap_shards(shards, compacted=snapshot is not None)  # read_index sizes lists exactly
+            exact_sizes = None
+        collection.swap_shards(shards, exact_sizes)
         log.info("collection %s: loaded %d vectors from %s in %.2fs (trained=%s)", record.name,
                  collection.count, source, time.perf_counter() - started, collection.trained)
         return collection
@@ -616,11 +618,12 @@ class IndexEngine:
         del vectors, template
         for shard in shards:
             compact_inverted_lists(shard.index)
+        exact_sizes = [shard.ntotal for shard in shards]  # the replay below grows some lists again
         with col.write_lock:
             if col.deleted or self.store is None:
                 return
             col.replay(shards, store.changes_since(col.uid, sequence, col.dim))
-            col.swap_shards(shards, compacted=True)
+            col.swap_shards(shards, exact_sizes)
         del shards  # the collection holds them; the staging indexes they replaced are free now
         release_freed_heap()
         store.set_trained(col.uid, col.trained)

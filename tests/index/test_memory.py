@@ -96,6 +96,28 @@ def test_snapshots_compact_changed_ivf_shards_and_builds_leave_them_exact(open_e
     assert process_rss_bytes() > 0 and store_cache_bytes() > 0
 
 
+def test_vectors_replayed_onto_exact_shards_are_compacted_by_the_next_snapshot(open_engine, tmp_path):
+    data_dir = tmp_path / "replay"
+    vectors = unit_rows(4000, DIM, seed=4)
+    engine = open_engine(data_dir, snapshot_on_close=False)
+    engine.create_collection("ivf", DIM, "ip", "IVF16,Flat")
+    engine.upsert("ivf", [f"a{i}" for i in range(3000)], vectors[:3000])
+    engine.train("ivf")
+    engine.snapshot("ivf")
+    engine.upsert("ivf", [f"a{i}" for i in range(3000, 4000)], vectors[3000:])  # after the snapshot
+    engine.close()
+
+    reopened = open_engine(data_dir)  # the snapshot's 3000, then 1000 replayed from the store
+    collection = reopened._collections["ivf"]
+    assert [shard.ntotal for shard in collection.shards] == [4000]
+    assert collection.compacted_sizes == [3000]  # the replayed adds grew lists past their exact size
+    expected = reopened.search("ivf", vectors[:10], k=5, nprobe=4)
+    reopened.snapshot("ivf")
+    assert collection.compacted_sizes == [4000]
+    found = reopened.search("ivf", vectors[:10], k=5, nprobe=4)
+    assert [[hit.id for hit in row] for row in found] == [[hit.id for hit in row] for row in expected]
+
+
 def test_new_stores_pack_vectors_into_large_pages_and_cut_the_wal_back(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT", 256 * 1024)
     path = tmp_path / "store.sqlite"
