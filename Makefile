@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(FAST_TESTS)
 
 # Benchmarks (bench/run_all.py): every row with its same-run baseline and ratio, then a
-# summary table; results in bench/results/. Quick: 100k vectors, ~3 min on 2 cores.
+# summary table; results in bench/results/. Quick: 100k vectors, ~5.5 min on 2 quiet cores.
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 
