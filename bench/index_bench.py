@@ -53,7 +53,7 @@ import faiss
 import grpc
 import numpy as np
 
-from bench.common import compare_rounds, p50_ms_by_round, print_table, summarize_ms, write_results
+from bench.common import compare_rounds, p50_ms_by_round, print_table, summarize_ms, time_calls, write_results
 from clipsearch.index.v1 import index_service_pb2 as pb
 from clipsearch.index.v1 import index_service_pb2_grpc
 from clipsearch.vectors import pack_matrix
@@ -210,6 +210,15 @@ def time_interleaved(index: faiss.Index, stub, collection: str, queries: np.ndar
     return ((local[0], np.array(local[1], dtype=np.int64)), (remote[0], np.array(remote[1], dtype=np.int64)))
 
 
+def time_health_checks(channel, calls: int = 500) -> dict:
+    """p50/p99 of a bare ``grpc.health.v1`` Check on ``channel``: the transport's own cost per
+    call (client stub, loopback, server dispatch), the floor under any SearchVectors."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    return summarize_ms(time_calls(lambda: health.Check(health_pb2.HealthCheckRequest()), calls, warmup=20))
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -301,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                              entry["in_process"]["p50_ms"], entry["grpc"]["p50_ms"], entry["grpc"]["p99_ms"],
                              entry["grpc_overhead_p50_ms"], spread["ratio"],
                              f"{spread['ratio_min']:.2f}-{spread['ratio_max']:.2f}"])
+            results["grpc_floor"] = time_health_checks(channel)
         results["service_rss_bytes"] = rss
         results["service_rss_bytes_per_vector"] = rss / (2 * args.n)  # both collections are loaded
     finally:
@@ -319,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table("IVF recall@10 by nprobe (in-process, tuning queries)", ["nprobe", *settings],
                 [[p, *(settings[s]["tuning_sweep_recall"].get(p, "-") for s in settings)]
                  for p in sorted({p for s in settings.values() for p in s["tuning_sweep_recall"]})])
+    print(f"gRPC floor: a bare health check on the same channel takes {results['grpc_floor']['p50_ms']:.3f} ms p50")
     print(f"service RSS {rss / 2**20:.0f} MiB for {2 * args.n} vectors "
           f"({results['service_rss_bytes_per_vector']:.0f} B/vector, both collections)")
     name = "index_bench" if args.n == 1_000_000 else f"index_bench_n{args.n}"

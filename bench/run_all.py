@@ -160,7 +160,8 @@ def run_p2(mode: Mode, dim: int, fingerprint: str, workdir: Path, out: Path) -> 
         probe = f" nprobe {entry['nprobe']}" if entry["nprobe"] else ""
         rows.append(row("P2", f"{entry['index_spec']}{probe}, {entry['queries']} queries: search p50 ms, "
                         "gRPC vs in-process", entry["p50_rounds"], f"+{P2_OVERHEAD_MS} ms", overhead <= P2_OVERHEAD_MS,
-                        f"{mode.n:,}x{dim}; overhead {overhead:+.3f} ms (median of rounds)"))
+                        f"{mode.n:,}x{dim}; overhead {overhead:+.3f} ms (median of rounds); gRPC floor "
+                        f"{results['grpc_floor']['p50_ms']:.3f} ms (a bare health check, same channel)"))
     for name in ("ivf", "ivf_text"):
         entry = results[name]
         recall = entry["recall_at_10_grpc"]

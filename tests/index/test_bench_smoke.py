@@ -32,5 +32,6 @@ def test_index_bench_tiny(tmp_path):
         assert results[name]["queries"] == setting
         assert results[name]["nprobe"] in results["settings"][setting]["tuning_sweep_recall"]
     assert results["settings"]["text-like"]["nn_similarity"] < results["settings"]["in-distribution"]["nn_similarity"]
+    assert positive(results["grpc_floor"]["p50_ms"])  # a bare health check on the same channel
     written = json.loads((tmp_path / "index_bench_n5000.json").read_text())
     assert written["ivf"]["index_spec"] == "IVF128,Flat"
