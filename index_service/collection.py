@@ -44,6 +44,8 @@ MANIFEST = "manifest.json"
 # concurrent requests) in parallel threads instead. Training and bulk builds
 # run in the background with every core.
 SEARCH_THREADS = 1
+# What a collection's memory is made of (``Collection.memory_part``; clipsearch_index_memory_bytes).
+MEMORY_PARTS = ("faiss", "id_maps", "filter_columns")
 
 
 class WouldBlock(Exception):
@@ -155,8 +157,8 @@ class Collection:
 
     @property
     def wants_ef_search_calibration(self) -> bool:
-        """At 10k vectors, and each time the count has doubled since the last calibration
-        (HNSW,PQ/SQ: once trained; until then the shards are exact)."""
+        """At 10k vectors, and each time the count has doubled since the last calibration, which
+        a rebuilt graph forgets (HNSW,PQ/SQ: once trained; until then the shards are exact)."""
         return (self.spec.calibrates_ef_search and self.trained and self.count >= CALIBRATE_FROM_VECTORS
                 and self.count >= 2 * self.ef_search_calibrated_at)
 
@@ -165,22 +167,19 @@ class Collection:
 
     def memory_bytes(self) -> int:
         """The FAISS indexes plus the metadata columns that filters read."""
-        with self.rw.read():
-            return sum(shard.memory_bytes() for shard in self.shards) + self.columns.memory_bytes()
+        return self.memory_part("faiss") + self.memory_part("filter_columns")
 
-    def memory_parts(self) -> dict[str, int]:
-        """Bytes by part: ``faiss`` (every shard's index), ``id_maps`` (string ids <->
-        internal ids, and the alive bitmap), ``filter_columns`` (metadata filters read)."""
+    def memory_part(self, part: str) -> int:
+        """Bytes of one of ``MEMORY_PARTS``: ``faiss`` (every shard's index), ``id_maps`` (the
+        packed string ids and the alive bitmap), ``filter_columns`` (the metadata filters read)."""
         with self.rw.read():
-            return {
-                "faiss": sum(shard.memory_bytes() for shard in self.shards),
-                "id_maps": self._id_map_bytes(),
-                "filter_columns": self.columns.memory_bytes(),
-            }
-
-    def _id_map_bytes(self) -> int:
-        """The packed string ids and the alive bitmap."""
-        return self.internal_to_id.nbytes + self.alive.nbytes
+            if part == "faiss":
+                return sum(shard.memory_bytes() for shard in self.shards)
+            if part == "id_maps":
+                return self.internal_to_id.nbytes + self.alive.nbytes
+            if part == "filter_columns":
+                return self.columns.memory_bytes()
+        raise ValueError(f"unknown memory part {part!r}; one of {MEMORY_PARTS}")
 
     # -- applying writes (caller holds write_lock) --------------------------
 

@@ -50,8 +50,8 @@ from clipsearch.metadata import MetadataLimits, check_metadata_limits
 from clipsearch.names import check_collection_name
 from clipsearch.paging import clamp_page_size
 from index_service.backup import S3Backup
-from index_service.calibration import CALIBRATE_FROM_VECTORS, calibrate_ef_search
-from index_service.collection import MANIFEST, Collection, WouldBlock
+from index_service.calibration import calibrate_ef_search
+from index_service.collection import MANIFEST, MEMORY_PARTS, Collection, WouldBlock
 from index_service.filters import FilterSpec, parse_filter
 from index_service.memory import compact_inverted_lists, process_rss_bytes, release_freed_heap, store_cache_bytes
 from index_service.metrics import (
@@ -83,8 +83,6 @@ TRAIN_POINTS_PER_CENTROID = 40
 # Upserts give freed heap back to the OS once this many vector bytes have been written
 # (``_count_written_bytes``).
 TRIM_AFTER_WRITTEN_BYTES = 64 << 20
-# Parts of clipsearch_index_memory_bytes (see Collection.memory_parts).
-MEMORY_PARTS = ("faiss", "id_maps", "filter_columns")
 
 
 @dataclasses.dataclass
@@ -365,7 +363,7 @@ class IndexEngine:
             )
         for part in MEMORY_PARTS:
             MEMORY_BYTES.labels(collection.name, part).set_function(
-                lambda collection=collection, part=part: collection.memory_parts()[part]
+                lambda collection=collection, part=part: collection.memory_part(part)
             )
 
     # -- writes -----------------------------------------------------------------
@@ -579,9 +577,7 @@ class IndexEngine:
             try:
                 if wants_build:
                     self._build(col)
-                # A rebuilt graph is another graph: measure it again.
-                if col.wants_ef_search_calibration or (wants_build and col.spec.calibrates_ef_search
-                                                       and col.trained and col.count >= CALIBRATE_FROM_VECTORS):
+                if col.wants_ef_search_calibration:
                     self._calibrate_ef_search(col)
             except Exception:  # noqa: BLE001 - a failed background build must not kill the service
                 log.exception("collection %s: background build failed", col.name)
@@ -624,6 +620,7 @@ class IndexEngine:
                 return
             col.replay(shards, store.changes_since(col.uid, sequence, col.dim))
             col.swap_shards(shards, exact_sizes)
+            col.ef_search_calibrated_at = 0  # another graph: calibrated again (its efSearch serves meanwhile)
         del shards  # the collection holds them; the staging indexes they replaced are free now
         release_freed_heap()
         store.set_trained(col.uid, col.trained)
