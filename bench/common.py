@@ -85,6 +85,21 @@ def faiss_simd() -> str:
     return f"{faiss.__version__} {level}built [{faiss.get_compile_options().strip()}] via {','.join(loaded) or '?'}"
 
 
+def recall_at_k(found: Sequence[Sequence[int]], exact: Sequence[Sequence[int]]) -> float:
+    """Mean share of each query's exact top-k (a row of ``exact``) among the ids returned for it
+    (a row of ``found``; a missing hit's -1 never matches)."""
+    return statistics.fmean(len({int(i) for i in row} & {int(i) for i in truth}) / len(truth)
+                            for row, truth in zip(found, exact))
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident bytes of process ``pid`` (VmRSS in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def percentile(samples: Sequence[float], q: float) -> float:
     ordered = sorted(samples)
     if not ordered:

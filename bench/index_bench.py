@@ -53,7 +53,8 @@ import faiss
 import grpc
 import numpy as np
 
-from bench.common import compare_rounds, p50_ms_by_round, print_table, summarize_ms, time_calls, write_results
+from bench.common import (compare_rounds, p50_ms_by_round, print_table, recall_at_k, rss_bytes, summarize_ms,
+                          time_calls, write_results)
 from clipsearch.index.v1 import index_service_pb2 as pb
 from clipsearch.index.v1 import index_service_pb2_grpc
 from clipsearch.vectors import pack_matrix
@@ -161,9 +162,6 @@ def choose_nprobe(index: faiss.Index, queries: np.ndarray, exact: np.ndarray, nl
     return chosen, sweep
 
 
-def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(set(f[f >= 0]) & set(e)) / len(e) for f, e in zip(found, exact)]))
-
 
 def search_params(index: faiss.Index, nprobe: int):
     return faiss.SearchParametersIVF(nprobe=nprobe) if isinstance(index, faiss.IndexIVF) else None
@@ -218,12 +216,6 @@ def time_health_checks(channel, calls: int = 500) -> dict:
     health = health_pb2_grpc.HealthStub(channel)
     return summarize_ms(time_calls(lambda: health.Check(health_pb2.HealthCheckRequest()), calls, warmup=20))
 
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def measure_through_service(stub, collection: str, index: faiss.Index, queries: np.ndarray, exact: np.ndarray,

@@ -50,7 +50,7 @@ import faiss
 import grpc
 import numpy as np
 
-from bench.common import percentile, print_table, write_results
+from bench.common import percentile, print_table, recall_at_k, write_results
 from clipsearch.index.v1 import index_service_pb2 as pb
 from clipsearch.index.v1 import index_service_pb2_grpc
 from clipsearch.vectors import pack_matrix
@@ -98,9 +98,6 @@ def query_sets(mixture: GaussianMixture, n_queries: int) -> dict[str, np.ndarray
         sets[f"shifted +{shift}"] = shifted / np.linalg.norm(shifted, axis=1, keepdims=True)
     return sets
 
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)]))
 
 
 def one_at_a_time(index: faiss.Index, queries: np.ndarray, params) -> tuple[np.ndarray, list[float]]:

@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bench.common import recall_at_k, rss_bytes
+
 K = 10
 RECALL_TARGET = 0.95
 INGEST_BATCH = 1000
@@ -38,10 +40,6 @@ INGEST_BATCH = 1000
 # The files ``bench.peers`` writes into the work dir for every system to read.
 DATA_FILES = ("base", "tuning", "tuning_exact", "heldout", "heldout_exact")
 
-
-def recall_at_k(found: Sequence[Sequence[int]], exact: np.ndarray) -> float:
-    """Mean share of each query's exact top-k found in its returned top-k."""
-    return float(np.mean([len(set(map(int, f)) & set(map(int, e))) / len(e) for f, e in zip(found, exact)]))
 
 
 def choose_parameter(sweep: dict[Any, float], target: float = RECALL_TARGET) -> tuple[Any, bool]:
@@ -53,12 +51,6 @@ def choose_parameter(sweep: dict[Any, float], target: float = RECALL_TARGET) -> 
     best = max(sweep.values())
     return min((p for p, r in sweep.items() if r == best), key=lambda p: (p is not None, p or 0)), False
 
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def free_port() -> int:

@@ -61,7 +61,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bench import encoder_bench, gateway_bench, index_bench, overload
-from bench.common import (RESULTS_DIR, alternate, compare_rounds, machine, machine_line, percentile, print_table,
+from bench.common import (RESULTS_DIR, alternate, compare_rounds, machine_line, percentile, print_table, rss_bytes,
                           split_rounds, summarize_ms, write_results)
 
 
@@ -623,7 +623,7 @@ def service_memory(spec: str, vectors: np.ndarray, queries: np.ndarray, workdir:
                                                                 k=index_bench.K), timeout=120)
 
             search(5)
-            empty = {"rss": index_bench.rss_bytes(pid), "gauges": memory_gauges(service.metrics_port)}
+            empty = {"rss": rss_bytes(pid), "gauges": memory_gauges(service.metrics_port)}
             started = time.perf_counter()
             for start in range(0, n, P8_UPSERT_BATCH):
                 end = min(n, start + P8_UPSERT_BATCH)
@@ -632,16 +632,16 @@ def service_memory(spec: str, vectors: np.ndarray, queries: np.ndarray, workdir:
                     vectors=pack_matrix(vectors[start:end])), timeout=600)
             ingest_s = time.perf_counter() - started
             search(len(queries))
-            ingested = {"rss": index_bench.rss_bytes(pid), "gauges": memory_gauges(service.metrics_port)}
+            ingested = {"rss": rss_bytes(pid), "gauges": memory_gauges(service.metrics_port)}
             parsed = IndexSpec.parse(spec, dim, "ip")
             settle_s = wait_until_settled(stub, name, pid, parsed.needs_training and n >= parsed.auto_train_vectors)
             search(len(queries))
-            settled = {"rss": index_bench.rss_bytes(pid), "gauges": memory_gauges(service.metrics_port)}
+            settled = {"rss": rss_bytes(pid), "gauges": memory_gauges(service.metrics_port)}
             # What the service does by itself within --snapshot-interval-seconds of the last write
             # (and at shutdown); a snapshot also gives IVF lists back their growth slack.
             stub.CreateSnapshot(ipb.CreateSnapshotRequest(collection=name), timeout=600)
             search(len(queries))
-            snapshotted = {"rss": index_bench.rss_bytes(pid), "gauges": memory_gauges(service.metrics_port)}
+            snapshotted = {"rss": rss_bytes(pid), "gauges": memory_gauges(service.metrics_port)}
             engine_estimate = stub.GetCollection(ipb.GetCollectionRequest(name=name)).collection.memory_bytes
     finally:
         service.terminate()
@@ -865,7 +865,8 @@ def main(argv: list[str] | None = None) -> dict:
     print_rows(f"Summary ({mode.name} mode, {mode.model} pretrained={PRETRAINED}; ratio = median over rounds, "
                f"min-max)", ordered)
     summary = {"mode": mode.name, "config": asdict(mode), "wall_s": time.perf_counter() - started,
-               "section_seconds": timings, "load_average_start": load_start, "load_average_end": os.getloadavg(), "rows": ordered,
+               "section_seconds": timings, "load_average_start": load_start, "load_average_end": os.getloadavg(),
+               "rows": ordered,
                "scaling": sections.get("scaling", []), "errors": errors,
                "details": {k: v for k, v in sections.items() if k in ("P1", "P7", "P8", "P11")},
                "p2": {k: v for k, v in (sections.get("P2") or {}).items() if k in ("config", "settings")}}
